@@ -1,0 +1,111 @@
+"""Command line: run, check-config, gen-cert, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .config import ConfigError, load
+
+EXIT_CONFIG = 2
+
+log = logging.getLogger("tlsproxy")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tlsproxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"tlsproxy {__version__}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the proxy until SIGTERM/SIGINT")
+    p.add_argument("--config", "-c", required=True, type=Path)
+    p = sub.add_parser("check-config", help="validate a config file and exit")
+    p.add_argument("--config", "-c", required=True, type=Path)
+    p = sub.add_parser("gen-cert", help="write a private CA and a certificate signed by it")
+    p.add_argument("--hostname", required=True, action="append", help="repeat for more SANs")
+    p.add_argument("--out-dir", required=True, type=Path)
+    p.add_argument("--key-type", choices=["ecdsa", "rsa"], default="ecdsa")
+    p.add_argument("--days", type=int, default=365, help="leaf validity, at most 366")
+    p = sub.add_parser("demo", help="a legacy SMTP server with tlsproxy in front, on localhost")
+    p.add_argument("--port", type=int, default=2587, help="STARTTLS port (implicit TLS is port+1)")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "gen-cert":
+        return _gen_cert(args)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return trio.run(run_demo, args.port)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"tlsproxy: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check-config":
+        for lst in config.listeners:
+            print(f"{lst.name}: {lst.protocol} {lst.mode} {lst.listen} -> {lst.backend}"
+                  f"{' require_tls' if lst.require_tls else ''}")
+        print("config OK")
+        return 0
+    return trio.run(serve, config)
+
+
+def _gen_cert(args: argparse.Namespace) -> int:
+    from .certs import generate
+
+    try:
+        files = generate(args.out_dir, args.hostname, args.key_type, args.days)
+    except ValueError as exc:
+        print(f"tlsproxy: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"wrote {files.cert} (leaf + CA), {files.key} (0600), {files.ca_cert} (trust this one)")
+    return 0
+
+
+async def serve(config) -> int:
+    """Run the proxy; the first SIGTERM/SIGINT stops it gracefully, a second
+    one ends it at once."""
+    from .server.proxy import Proxy
+
+    try:
+        proxy = Proxy(config)
+    except (OSError, ValueError) as exc:
+        print(f"tlsproxy: cannot start: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, signals, proxy, nursery.cancel_scope)
+            rc = 0
+            try:
+                await proxy.run()
+            except OSError as exc:
+                print(f"tlsproxy: cannot listen: {exc}", file=sys.stderr)
+                rc = 1
+            nursery.cancel_scope.cancel()
+    return rc
+
+
+async def _watch_signals(signals, proxy, scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        if proxy.ready:
+            log.info("%s: stopping gracefully (again to exit at once)", signal.Signals(signum).name)
+            proxy.stop()
+        else:
+            log.info("%s: exiting now", signal.Signals(signum).name)
+            proxy.abort_all()
+            scope.cancel()
+            return
+
+
+if __name__ == "__main__":
+    sys.exit(main())

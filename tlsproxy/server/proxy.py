@@ -1,0 +1,152 @@
+"""Listeners and the proxy's lifecycle: bind, accept, limit, shut down.
+
+Structured concurrency: one nursery holds every session, one holds the accept
+loops. Stopping cancels the accept loops (new connections are refused by the
+closed socket), lets sessions finish for the grace period, then ends the
+stragglers with their protocol's goodbye.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import trio
+
+from ..certs import check_pair
+from ..config import Config, ListenerConfig
+from ..engines.base import EnginePolicy
+from ..metrics import Metrics
+from ..tls import server_context
+from .session import Session
+
+log = logging.getLogger("tlsproxy")
+
+# accept() failing with these means we are out of descriptors or memory:
+# pause instead of spinning, as trio.serve_listeners does.
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_ACCEPT_PAUSE = 0.1
+
+
+def _engine_class(protocol: str):
+    if protocol == "smtp":
+        from ..engines.smtp import SmtpEngine as cls
+    elif protocol == "imap":
+        from ..engines.imap import ImapEngine as cls
+    elif protocol == "pop3":
+        from ..engines.pop3 import Pop3Engine as cls
+    else:
+        from ..engines.tcp import TcpEngine as cls
+    return cls
+
+
+class Listener:
+    """One configured listener: its TLS context, engine and metrics."""
+
+    def __init__(self, config: ListenerConfig, metrics: Metrics) -> None:
+        self.config = config
+        self.name = config.name
+        self.metrics = metrics.for_listener(config.name)
+        self.ssl_context = server_context(config.tls)
+        cert = check_pair(config.tls.cert, config.tls.key)
+        self.metrics.certificate_expiry.set(cert.not_after.timestamp())
+        self._engine_class = _engine_class(config.protocol)
+        self.sessions: set[Session] = set()
+        self.sockets: list[trio.SocketListener] = []
+
+    def new_engine(self, policy: EnginePolicy):
+        return self._engine_class(policy)
+
+    @property
+    def bound_ports(self) -> list[int]:
+        return [s.socket.getsockname()[1] for s in self.sockets]
+
+
+class Proxy:
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.listeners = [Listener(lc, self.metrics) for lc in config.listeners]
+        self.ready = False
+        self._accepting = trio.CancelScope()
+        self._drained = trio.Event()
+        self._stopping = False
+
+    def listener(self, name: str) -> Listener:
+        return next(lst for lst in self.listeners if lst.name == name)
+
+    @property
+    def active_sessions(self) -> int:
+        return sum(len(lst.sessions) for lst in self.listeners)
+
+    def stop(self) -> None:
+        """Stop accepting; open sessions get ``shutdown_grace`` seconds."""
+        self._stopping = True
+        self._accepting.cancel()
+
+    def abort_all(self) -> None:
+        for lst in self.listeners:
+            for session in list(lst.sessions):
+                session.abort("shutdown")
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        for lst in self.listeners:
+            addr = lst.config.listen
+            host = None if addr.is_wildcard else addr.host
+            lst.sockets = await trio.open_tcp_listeners(addr.port, host=host)
+            log.info(
+                "listener %s: %s %s on %s -> %s", lst.name, lst.config.protocol,
+                lst.config.mode, addr, lst.config.backend,
+            )
+        async with trio.open_nursery() as sessions:
+            with self._accepting:
+                async with trio.open_nursery() as acceptors:
+                    for lst in self.listeners:
+                        for sock in lst.sockets:
+                            acceptors.start_soon(self._accept_loop, lst, sock, sessions)
+                    self.ready = True
+                    task_status.started(self)
+            self.ready = False
+            for lst in self.listeners:
+                for sock in lst.sockets:
+                    await sock.aclose()
+            if self.active_sessions:
+                log.info("stopping: %d open sessions get %.0fs", self.active_sessions, self.config.shutdown_grace)
+                with trio.move_on_after(self.config.shutdown_grace):
+                    await self._drained.wait()
+            self.abort_all()
+        log.info("stopped")
+
+    async def _accept_loop(self, lst: Listener, sock: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await sock.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("listener %s: accept failed (%s), pausing", lst.name, exc)
+                await trio.sleep(_ACCEPT_PAUSE)
+                continue
+            nursery.start_soon(self._serve, lst, stream)
+
+    async def _serve(self, lst: Listener, stream: trio.SocketStream) -> None:
+        try:
+            host, port = stream.socket.getpeername()[:2]
+            peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        except OSError:
+            peer = "unknown"
+        session = Session(lst, stream, peer)
+        if len(lst.sessions) >= lst.config.limits.max_connections:
+            await self._refuse(lst, session, "overloaded")
+            return
+        lst.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            lst.sessions.discard(session)
+            if self._stopping and not self.active_sessions:
+                self._drained.set()
+
+    async def _refuse(self, lst: Listener, session: Session, reason: str) -> None:
+        lst.metrics.refused(reason)
+        await session.refuse(reason)
