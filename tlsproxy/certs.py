@@ -82,10 +82,12 @@ def _new_key(kind: str):
 
 def _write_private(path: Path, data: bytes) -> None:
     # Created 0600 from the start: no window where the key is world-readable.
+    # An existing file keeps its mode through O_CREAT: narrow it before the
+    # new key is written, not after.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
         f.write(data)
-    os.chmod(path, 0o600)
 
 
 def _san(hostname: str) -> x509.GeneralName:

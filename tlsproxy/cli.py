@@ -14,6 +14,7 @@ from . import __version__
 from .config import ConfigError, load
 
 EXIT_CONFIG = 2
+ABORT_GOODBYE_SECONDS = 1.0  # after a second signal, at most this long to say goodbye
 
 log = logging.getLogger("tlsproxy")
 
@@ -68,6 +69,9 @@ def _gen_cert(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tlsproxy: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except OSError as exc:
+        print(f"tlsproxy: cannot write to {args.out_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(f"wrote {files.cert} (leaf + CA), {files.key} (0600), {files.ca_cert} (trust this one)")
     return 0
 
@@ -82,16 +86,36 @@ async def serve(config) -> int:
     except (OSError, ValueError) as exc:
         print(f"tlsproxy: cannot start: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, signals, proxy, nursery.cancel_scope)
-            rc = 0
-            try:
-                await proxy.run()
-            except OSError as exc:
-                print(f"tlsproxy: cannot listen: {exc}", file=sys.stderr)
-                rc = 1
-            nursery.cancel_scope.cancel()
+    metrics_server = None
+    if config.metrics.listen is not None:
+        from prometheus_client import start_http_server
+
+        addr = config.metrics.listen
+        try:
+            metrics_server, _ = start_http_server(
+                addr.port, addr=addr.host, registry=proxy.metrics.registry
+            )
+        except OSError as exc:
+            print(f"tlsproxy: cannot listen on {addr} ([metrics]): {exc}", file=sys.stderr)
+            return 1
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_signals, signals, proxy, nursery.cancel_scope)
+                rc = 0
+                try:
+                    await proxy.run()
+                except OSError as exc:
+                    # Listeners bind in order: the first without sockets failed.
+                    failed = next((lst for lst in proxy.listeners if not lst.sockets), None)
+                    where = f' on {failed.config.listen} (listener "{failed.name}")' if failed else ""
+                    print(f"tlsproxy: cannot listen{where}: {exc}", file=sys.stderr)
+                    rc = 1
+                nursery.cancel_scope.cancel()
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
     return rc
 
 
@@ -103,6 +127,11 @@ async def _watch_signals(signals, proxy, scope: trio.CancelScope) -> None:
         else:
             log.info("%s: exiting now", signal.Signals(signum).name)
             proxy.abort_all()
+            if proxy.active_sessions:
+                # Let the goodbyes (SMTP 421, IMAP BYE, ...) go out: cancelling
+                # at once would cancel their writes too. serve() returns as soon
+                # as the last session has closed, which cancels this wait.
+                await trio.sleep(ABORT_GOODBYE_SECONDS)
             scope.cancel()
             return
 

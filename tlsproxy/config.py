@@ -8,7 +8,9 @@ errors: a misspelt ``require_tls`` must never silently turn the check off.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,8 +152,11 @@ def _listener(
     if require_tls and mode == "implicit":
         require_tls = False  # already TLS from the first byte; nothing to require
     tls = _tls_keys(t.table("tls"), base_dir, inherited=tls_defaults)
-    if "cert" not in tls or "key" not in tls:
-        raise ConfigError(f"{label}: no certificate: set cert and key in [tls] or in this listener's tls table")
+    for key in ("cert", "key"):
+        if key not in tls:
+            raise ConfigError(
+                f"{label}: key '{key}': required: set cert and key in [tls] or in this listener's tls table"
+            )
     limits = Limits(**_limit_keys(t, inherited=limit_defaults, only_limits=True))
     return ListenerConfig(
         name=name,
@@ -222,6 +227,10 @@ def _check_unique(listeners: tuple[ListenerConfig, ...]) -> None:
                 )
 
 
+# One DNS label (underscores allowed for container/service names), ASCII only.
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?")
+
+
 def parse_address(text: str, where: str) -> Address:
     """Parse ``host:port`` or ``[v6]:port``."""
     host, sep, port_text = text.rpartition(":")
@@ -237,9 +246,17 @@ def parse_address(text: str, where: str) -> Address:
             raise ConfigError(f"{where}: {host!r} is not an IPv6 address") from None
     elif ":" in host:
         raise ConfigError(f"{where}: write IPv6 addresses in brackets, e.g. [::1]:25, got {text!r}")
-    elif not all(part and (part.isalnum() or "-" in part or "_" in part) for part in host.split(".")):
+    elif not all(_HOST_LABEL.fullmatch(part) for part in host.split(".")):
         raise ConfigError(f"{where}: {host!r} is not a host name or address")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    elif host.rsplit(".", 1)[-1].isdigit():
+        # All-numeric last label: meant as an IPv4 address, so it must be one
+        # (no "999.1.1.1", no inet_aton shorthands like "127.1").
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ConfigError(f"{where}: {host!r} is not a valid IPv4 address") from None
+    # isdigit() alone accepts non-ASCII digits ("²", "٢"), which int() rejects or reads.
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ConfigError(f"{where}: port must be 1-65535, got {port_text!r}")
     return Address(host, int(port_text))
 
@@ -294,6 +311,8 @@ class _Table:
         if not ok or isinstance(value, bool):
             kind = "an integer" if integer else "a number"
             raise ConfigError(f"{self.where(key)}: expected {kind}, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{self.where(key)}: must be a finite number, got {value!r}")
         if value < minimum:
             raise ConfigError(f"{self.where(key)}: must be at least {minimum}, got {value!r}")
         return value

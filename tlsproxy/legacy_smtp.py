@@ -98,7 +98,7 @@ class _SmtpSession:
                 else:
                     data, cut = bytes(self.buf[: end + 2]), end + 5
                 del self.buf[:cut]
-                return data[:-2] if data.endswith(b"\r\n") else data
+                return data  # the CRLF before the final dot belongs to the message
             chunk = await self.stream.receive_some(65536)
             if not chunk:
                 return None

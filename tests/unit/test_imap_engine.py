@@ -21,10 +21,11 @@ from tlsproxy.engines.imap import ImapEngine
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ STARTTLS AUTH=PLAIN] Ready.\r\n"
 # The same before TLS, as the client sees it: STARTTLS is the proxy's (moved last).
-SHORT_GREETING = b"* OK hi\r\n"  # fits small line limits
+SHORT_GREETING = b"* OK [CAPABILITY LITERAL+] hi\r\n"  # fits small line limits
 GREETING_OUT = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN STARTTLS] Ready.\r\n"
 OK_TLS = b" OK Begin TLS negotiation now\r\n"
 PRIVACY_NO = b" NO [PRIVACYREQUIRED] TLS is required before authentication\r\n"
+AUTH_BAD = ToClient(b"b BAD STARTTLS is only valid before authentication\r\n")
 
 
 def sent(actions, kind=ToClient) -> bytes:
@@ -93,8 +94,13 @@ def test_implicit_port_hides_backend_starttls_with_one_note():
         ToClient(b"* OK [CAPABILITY IMAP4rev1 COMPRESS=DEFLATE] hi\r\n"),
     ]
     engine.client_bytes(b"a CAPABILITY\r\n")
-    out = engine.backend_bytes(b"* CAPABILITY IMAP4rev1 STARTTLS\r\na OK [CAPABILITY IMAP4rev1 STARTTLS] x\r\n")
-    assert out == [ToClient(b"* CAPABILITY IMAP4rev1\r\n"), ToClient(b"a OK [CAPABILITY IMAP4rev1] x\r\n")]
+    out = engine.backend_bytes(
+        b"* CAPABILITY IMAP4rev1 STARTTLS\r\na OK [CAPABILITY IMAP4rev1 STARTTLS] x\r\n"
+    )
+    assert out == [
+        ToClient(b"* CAPABILITY IMAP4rev1\r\n"),
+        ToClient(b"a OK [CAPABILITY IMAP4rev1] x\r\n"),
+    ]
 
 
 def test_tagged_capability_code_after_login():
@@ -141,7 +147,8 @@ def test_pipelined_starttls_waits_for_earlier_reply():
 
 def test_starttls_with_arguments_is_bad():
     engine = ready()
-    assert engine.client_bytes(b"a STARTTLS now\r\n") == [ToClient(b"a BAD STARTTLS takes no arguments\r\n")]
+    bad = ToClient(b"a BAD STARTTLS takes no arguments\r\n")
+    assert engine.client_bytes(b"a STARTTLS now\r\n") == [bad]
     # A non-synchronizing literal on a refused line is swallowed, not read as commands.
     out = engine.client_bytes(b"b STARTTLS {10+}\r\nc LOGOUT\r\n\r\nd NOOP\r\n")
     assert out == [ToClient(b"b BAD STARTTLS takes no arguments\r\n"), ToBackend(b"d NOOP\r\n")]
@@ -149,26 +156,26 @@ def test_starttls_with_arguments_is_bad():
 
 def test_starttls_twice_and_on_implicit_port():
     engine = after_starttls()
-    assert engine.client_bytes(b"t STARTTLS\r\n") == [ToClient(b"t BAD TLS is already active\r\n")]
-    implicit = ready(tls=True)
-    assert implicit.client_bytes(b"t STARTTLS\r\n") == [ToClient(b"t BAD TLS is already active\r\n")]
+    bad = ToClient(b"t BAD TLS is already active\r\n")
+    assert engine.client_bytes(b"t STARTTLS\r\n") == [bad]
+    assert ready(tls=True).client_bytes(b"t STARTTLS\r\n") == [bad]
 
 
 def test_starttls_after_login_ok_is_bad():
     engine = ready()
     engine.client_bytes(b"a LOGIN bob secret\r\n")
     engine.backend_bytes(b"a OK Logged in\r\n")
-    bad = b"b BAD STARTTLS is only valid before authentication\r\n"
-    assert engine.client_bytes(b"b STARTTLS\r\n") == [ToClient(bad)]
+    assert engine.client_bytes(b"b STARTTLS\r\n") == [AUTH_BAD]
 
 
 def test_starttls_pipelined_after_successful_login_is_bad():
     engine = ready()
-    assert engine.client_bytes(b"a LOGIN bob secret\r\nb STARTTLS\r\n") == [ToBackend(b"a LOGIN bob secret\r\n")]
+    out = engine.client_bytes(b"a LOGIN bob secret\r\nb STARTTLS\r\n")
+    assert out == [ToBackend(b"a LOGIN bob secret\r\n")]
     out = engine.backend_bytes(b"a OK Logged in\r\n")
     assert out == [
         ToClient(b"a OK Logged in\r\n"),
-        ToClient(b"b BAD STARTTLS is only valid before authentication\r\n"),
+        AUTH_BAD,
     ]
 
 
@@ -212,7 +219,9 @@ def test_require_tls_capabilities():
     engine = ImapEngine(EnginePolicy(require_tls=True))
     engine.start(False)
     out = engine.backend_bytes(GREETING)
-    assert out == [ToClient(b"* OK [CAPABILITY IMAP4rev1 LITERAL+ STARTTLS LOGINDISABLED] Ready.\r\n")]
+    assert out == [
+        ToClient(b"* OK [CAPABILITY IMAP4rev1 LITERAL+ STARTTLS LOGINDISABLED] Ready.\r\n")
+    ]
     # After TLS the backend's own list passes (minus STARTTLS).
     engine = after_starttls(**STRICT)
     engine.client_bytes(b"c CAPABILITY\r\n")
@@ -222,14 +231,16 @@ def test_require_tls_capabilities():
 
 def test_require_tls_refuses_login_and_authenticate():
     engine = ready(**STRICT)
-    assert engine.client_bytes(b"a LOGIN bob secret\r\n") == [Note(PLAINTEXT_REFUSED), ToClient(b"a" + PRIVACY_NO)]
+    out = engine.client_bytes(b"a LOGIN bob secret\r\n")
+    assert out == [Note(PLAINTEXT_REFUSED), ToClient(b"a" + PRIVACY_NO)]
     out = engine.client_bytes(b"b AUTHENTICATE PLAIN\r\n")
     assert out == [Note(PLAINTEXT_REFUSED), ToClient(b"b" + PRIVACY_NO)]
 
 
 def test_require_tls_sync_literal_login_refused_without_continuation():
     engine = ready(**STRICT)
-    assert engine.client_bytes(b"a LOGIN {5}\r\n") == [Note(PLAINTEXT_REFUSED), ToClient(b"a" + PRIVACY_NO)]
+    out = engine.client_bytes(b"a LOGIN {5}\r\n")
+    assert out == [Note(PLAINTEXT_REFUSED), ToClient(b"a" + PRIVACY_NO)]
     assert engine.client_bytes(b"b NOOP\r\n") == [ToBackend(b"b NOOP\r\n")]
 
 
@@ -250,7 +261,8 @@ def test_preauth_refused_before_tls_accepted_on_implicit_port():
     engine = ImapEngine(EnginePolicy())
     engine.start(False)
     out = engine.backend_bytes(b"* PREAUTH [CAPABILITY IMAP4rev1] welcome\r\n")
-    assert out == [ToClient(b"* BYE Pre-authenticated session refused before TLS\r\n"), Close("preauth_refused")]
+    bye = ToClient(b"* BYE Pre-authenticated session refused before TLS\r\n")
+    assert out == [bye, Close("preauth_refused")]
     implicit = ready(b"* PREAUTH welcome\r\n", tls=True)
     assert implicit.client_bytes(b"a SELECT INBOX\r\n") == [ToBackend(b"a SELECT INBOX\r\n")]
 
@@ -260,9 +272,10 @@ def test_preauth_refused_before_tls_accepted_on_implicit_port():
 
 def test_bare_cr_lf_nul_refused():
     engine = ready()
-    assert engine.client_bytes(b"a NOOP\nb LOGIN x y\r\n") == [ToClient(b"a BAD Invalid characters in command\r\n")]
-    assert engine.client_bytes(b"a NOOP\rx\r\n") == [ToClient(b"a BAD Invalid characters in command\r\n")]
-    assert engine.client_bytes(b"a\0 NOOP\r\n") == [ToClient(b"* BAD Invalid characters in command\r\n")]
+    bad = b" BAD Invalid characters in command\r\n"
+    assert engine.client_bytes(b"a NOOP\nb LOGIN x y\r\n") == [ToClient(b"a" + bad)]
+    assert engine.client_bytes(b"a NOOP\rx\r\n") == [ToClient(b"a" + bad)]
+    assert engine.client_bytes(b"a\0 NOOP\r\n") == [ToClient(b"*" + bad)]
     assert engine.client_bytes(b"\r\n") == [ToClient(b"* BAD Invalid tag\r\n")]
 
 
@@ -270,7 +283,8 @@ def test_commands_before_greeting_are_held():
     engine = ImapEngine(EnginePolicy())
     engine.start(False)
     assert engine.client_bytes(b"a CAPABILITY\r\n") == []
-    assert engine.backend_bytes(GREETING) == [ToClient(GREETING_OUT), ToBackend(b"a CAPABILITY\r\n")]
+    out = engine.backend_bytes(GREETING)
+    assert out == [ToClient(GREETING_OUT), ToBackend(b"a CAPABILITY\r\n")]
 
 
 # ---------------------------------------------------------------- literals
@@ -286,7 +300,7 @@ def test_client_sync_literal_with_continuation():
     out = engine.backend_bytes(b"+ go\r\n")
     assert out == [ToClient(b"+ go\r\n"), ToBackend(b"secret"), ToBackend(b"\r\n")]
     assert engine.backend_bytes(b"a OK\r\n") == [ToClient(b"a OK\r\n")]
-    assert engine.client_bytes(b"b STARTTLS\r\n") == [ToClient(b"b BAD STARTTLS is only valid before authentication\r\n")]
+    assert engine.client_bytes(b"b STARTTLS\r\n") == [AUTH_BAD]
 
 
 def test_sync_literal_refused_by_backend_resumes_command_parsing():
@@ -313,7 +327,14 @@ def test_binary_literal_plus():
 def test_nonsync_literal_refused_when_backend_lacks_literal_plus():
     engine = ready(b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
     out = engine.client_bytes(b"a APPEND INBOX {13+}\r\nb LOGIN x y\r\n\r\nc NOOP\r\n")
-    assert out == [ToClient(b"a BAD Non-synchronizing literal not supported\r\n"), ToBackend(b"c NOOP\r\n")]
+    bad = ToClient(b"a BAD Non-synchronizing literal not supported\r\n")
+    assert out == [bad, ToBackend(b"c NOOP\r\n")]
+
+
+def test_literal_size_with_too_many_digits_is_refused():
+    engine = ready()
+    out = engine.client_bytes(b"a APPEND INBOX {123456789012345678901}\r\n")
+    assert out == [ToClient(b"a BAD Literal too large\r\n")]
 
 
 def test_server_literal_is_never_rewritten():
@@ -342,8 +363,10 @@ def test_idle_done():
     assert engine.client_bytes(b"a IDLE\r\n") == [ToBackend(b"a IDLE\r\n")]
     assert engine.backend_bytes(b"+ idling\r\n") == [ToClient(b"+ idling\r\n")]
     assert engine.backend_bytes(b"* 4 EXISTS\r\n") == [ToClient(b"* 4 EXISTS\r\n")]
-    assert engine.client_bytes(b"DONE\r\nb NOOP\r\n") == [ToBackend(b"DONE\r\n"), ToBackend(b"b NOOP\r\n")]
-    assert sent(engine.backend_bytes(b"a OK idle done\r\nb OK\r\n")) == b"a OK idle done\r\nb OK\r\n"
+    out = engine.client_bytes(b"DONE\r\nb NOOP\r\n")
+    assert out == [ToBackend(b"DONE\r\n"), ToBackend(b"b NOOP\r\n")]
+    replies = b"a OK idle done\r\nb OK\r\n"
+    assert sent(engine.backend_bytes(replies)) == replies
 
 
 def test_idle_refused_resumes_command_parsing():
@@ -356,13 +379,14 @@ def test_idle_refused_resumes_command_parsing():
 
 def test_authenticate_plain_exchange():
     engine = ready()
-    assert engine.client_bytes(b"a AUTHENTICATE PLAIN\r\n") == [ToBackend(b"a AUTHENTICATE PLAIN\r\n")]
+    out = engine.client_bytes(b"a AUTHENTICATE PLAIN\r\n")
+    assert out == [ToBackend(b"a AUTHENTICATE PLAIN\r\n")]
     assert engine.backend_bytes(b"+ \r\n") == [ToClient(b"+ \r\n")]
     # A SASL response is not a command, even if it looks like one.
     assert engine.client_bytes(b"STARTTLS\r\n") == [ToBackend(b"STARTTLS\r\n")]
     out = engine.backend_bytes(b"a OK [CAPABILITY IMAP4rev1 STARTTLS] done\r\n")
     assert out == [ToClient(b"a OK [CAPABILITY IMAP4rev1] done\r\n")]
-    assert engine.client_bytes(b"b STARTTLS\r\n") == [ToClient(b"b BAD STARTTLS is only valid before authentication\r\n")]
+    assert engine.client_bytes(b"b STARTTLS\r\n") == [AUTH_BAD]
 
 
 # ---------------------------------------------------------------- limits and endings
@@ -395,7 +419,8 @@ def test_backend_close_mid_reply_or_idle():
     engine = ready()
     engine.client_bytes(b"a FETCH 1 BODY[]\r\n")
     engine.backend_bytes(b"* 1 FETCH (BODY[] {10}\r\nabc")
-    assert engine.backend_closed() == [ToClient(b"* BYE Connection to mail server lost\r\n"), Close("backend_closed")]
+    bye = ToClient(b"* BYE Connection to mail server lost\r\n")
+    assert engine.backend_closed() == [bye, Close("backend_closed")]
     assert ready().backend_closed() == [Close("backend_closed")]
     assert ready().client_closed() == [Close("client_closed")]
 
@@ -416,7 +441,11 @@ def test_abort_texts_and_after_passthrough():
         Close("backend_unavailable"),
     ]
     assert engine.abort("shutdown") == []
-    assert ready().abort("idle_timeout") == [ToClient(b"* BYE Autologout; idle for too long\r\n"), Close("idle_timeout")]
+    bye = ToClient(b"* BYE Autologout; idle for too long\r\n")
+    assert ready().abort("idle_timeout") == [bye, Close("idle_timeout")]
+    engine = ready()
+    engine.client_bytes(b"a STARTTLS\r\n")
+    assert engine.abort("shutdown") == [Close("shutdown")]  # no plaintext mid-handshake
     raw = ready(b"* OK [CAPABILITY IMAP4rev1] hi\r\n", tls=True)
     assert raw.abort("shutdown") == [Close("shutdown")]
 
@@ -434,7 +463,8 @@ def test_passthrough_immediately_on_implicit_port_without_backend_starttls():
 def test_passthrough_waits_for_capabilities_and_pending_reply():
     engine = ready(b"* OK hi\r\n", tls=True)  # no capability list yet: stay parsed
     assert engine.client_bytes(b"a CAPABILITY\r\n") == [ToBackend(b"a CAPABILITY\r\n")]
-    assert engine.backend_bytes(b"* CAPABILITY IMAP4rev1\r\n") == [ToClient(b"* CAPABILITY IMAP4rev1\r\n")]
+    out = engine.backend_bytes(b"* CAPABILITY IMAP4rev1\r\n")
+    assert out == [ToClient(b"* CAPABILITY IMAP4rev1\r\n")]
     # Leftover partial lines are handed over before Passthrough.
     out = engine.backend_bytes(b"a OK done\r\n* 2 EXI")
     assert out == [ToClient(b"a OK done\r\n"), ToClient(b"* 2 EXI"), Passthrough()]
@@ -444,17 +474,27 @@ def test_passthrough_after_starttls_when_backend_never_offered_it():
     engine = after_starttls(b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
     engine.client_bytes(b"c CAPABILITY\r\n")
     out = engine.backend_bytes(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nc OK\r\n")
-    assert out == [ToClient(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n"), ToClient(b"c OK\r\n"), Passthrough()]
+    assert out == [
+        ToClient(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n"),
+        ToClient(b"c OK\r\n"),
+        Passthrough(),
+    ]
 
 
 def test_compress_refused_before_tls_raw_after_ok():
     engine = ready()
-    assert engine.client_bytes(b"a COMPRESS DEFLATE\r\n") == [ToClient(b"a NO Compression is not available before TLS\r\n")]
+    no = ToClient(b"a NO Compression is not available before TLS\r\n")
+    assert engine.client_bytes(b"a COMPRESS DEFLATE\r\n") == [no]
     engine = after_starttls()
     engine.client_bytes(b"c COMPRESS DEFLATE\r\n")
     assert engine.client_bytes(b"\x78\x9c") == []  # held: deflate begins only after OK
     out = engine.backend_bytes(b"c OK DEFLATE active\r\n\x01\x02")
-    assert out == [ToClient(b"c OK DEFLATE active\r\n"), ToBackend(b"\x78\x9c"), ToClient(b"\x01\x02"), Passthrough()]
+    assert out == [
+        ToClient(b"c OK DEFLATE active\r\n"),
+        ToBackend(b"\x78\x9c"),
+        ToClient(b"\x01\x02"),
+        Passthrough(),
+    ]
 
 
 # ---------------------------------------------------------------- properties
@@ -521,7 +561,10 @@ def test_chunking_never_matters(data):
 
 
 @settings(max_examples=150)
-@given(payload=st.binary(max_size=3000), cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=8))
+@given(
+    payload=st.binary(max_size=3000),
+    cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=8),
+)
 def test_literal_payloads_pass_unchanged(payload, cuts):
     n = len(payload)
     engine = ready()
@@ -545,9 +588,12 @@ def test_literal_payloads_pass_unchanged(payload, cuts):
 HOSTILE = st.one_of(
     st.binary(max_size=200),
     st.sampled_from(
-        [b"a STARTTLS\r\n", b"a LOGIN {5}\r\n", b"{3+}\r\n", b"+ go\r\n", b"a OK\r\n", b"* 1 FETCH {9}\r\n",
-         b"a IDLE\r\n", b"DONE\r\n", b"b AUTHENTICATE PLAIN\r\n", b"* CAPABILITY STARTTLS LITERAL+\r\n",
-         b"* PREAUTH\r\n", b"a COMPRESS DEFLATE\r\n", b"\r\n"]
+        [
+            b"a STARTTLS\r\n", b"a LOGIN {5}\r\n", b"{3+}\r\n", b"+ go\r\n", b"a OK\r\n",
+            b"* 1 FETCH {9}\r\n", b"a IDLE\r\n", b"DONE\r\n", b"b AUTHENTICATE PLAIN\r\n",
+            b"* CAPABILITY STARTTLS LITERAL+\r\n", b"* PREAUTH\r\n", b"a COMPRESS DEFLATE\r\n",
+            b"\r\n",
+        ]
     ),
 )
 

@@ -23,6 +23,7 @@ from tlsproxy.engines.pop3 import MAX_PIPELINED, Pop3Engine
 
 GREETING = b"+OK ready <1.2@h>\r\n"
 STLS_OK = ToClient(b"+OK Begin TLS negotiation\r\n")
+BACKEND_GONE = ToClient(b"-ERR Mail server closed the connection\r\n")
 REFUSED = ToClient(b"-ERR Plaintext login disallowed, use STLS first\r\n")
 CAPA_WITH_STLS = b"+OK\r\nUSER\r\nSTLS\r\nSASL PLAIN\r\nPIPELINING\r\n.\r\n"
 CAPA_NO_STLS = b"+OK\r\nUSER\r\nSASL PLAIN\r\nPIPELINING\r\n.\r\n"
@@ -231,6 +232,11 @@ def test_backend_bytes_during_handshake_wait_for_tls():
     assert engine.tls_started() == [ToClient(b"-ERR unsolicited\r\n-ERR more\r\n")]
 
 
+def test_backend_bytes_during_handshake_are_bounded():
+    engine = tls_engine(max_held_bytes=100)
+    assert engine.backend_bytes(b"x" * 101) == [Close("buffer_full")]  # no plaintext mid-handshake
+
+
 # ---------------------------------------------------------------- require_tls
 
 
@@ -341,7 +347,10 @@ def test_list_and_uidl_single_line_with_argument():
     for command in (b"LIST 1\r\n", b"UIDL 1\r\n"):
         engine = make()
         engine.client_bytes(command + b"STLS\r\n")
-        assert engine.backend_bytes(b"+OK 1 120\r\n") == [ToClient(b"+OK 1 120\r\n" + STLS_OK.data), StartTls()]
+        assert engine.backend_bytes(b"+OK 1 120\r\n") == [
+            ToClient(b"+OK 1 120\r\n" + STLS_OK.data),
+            StartTls(),
+        ]
 
 
 def test_list_and_uidl_multi_line_without_argument():
@@ -372,7 +381,10 @@ def test_bare_lf_cr_nul_commands_are_refused():
 
 def test_overlong_client_line():
     engine = make(max_line_length=32)
-    assert engine.client_bytes(b"USER " + b"a" * 40) == [ToClient(b"-ERR Line too long\r\n"), Close("line_too_long")]
+    assert engine.client_bytes(b"USER " + b"a" * 40) == [
+        ToClient(b"-ERR Line too long\r\n"),
+        Close("line_too_long"),
+    ]
     assert engine.client_bytes(b"\r\n") == []
 
 
@@ -398,10 +410,10 @@ def test_backend_close_mid_reply_or_with_commands_pending():
     engine = make()
     engine.client_bytes(b"RETR 1\r\n")
     engine.backend_bytes(b"+OK\r\npartial")
-    assert engine.backend_closed() == [ToClient(b"-ERR Mail server closed the connection\r\n"), Close("backend_closed")]
+    assert engine.backend_closed() == [BACKEND_GONE, Close("backend_closed")]
     engine = make()
     engine.client_bytes(b"STAT\r\n")
-    assert engine.backend_closed() == [ToClient(b"-ERR Mail server closed the connection\r\n"), Close("backend_closed")]
+    assert engine.backend_closed() == [BACKEND_GONE, Close("backend_closed")]
     assert engine.backend_closed() == []
     engine = make()
     assert engine.backend_closed() == [Close("backend_closed")]
@@ -455,7 +467,8 @@ def test_no_passthrough_when_backend_offers_stls():
 def test_implicit_tls_waits_for_capa_and_pending_replies_then_emits_leftovers():
     engine = make(tls=True)
     assert engine.client_bytes(b"CAPA\r\nRETR 1\r\nNO") == [ToBackend(b"CAPA\r\nRETR 1\r\n")]
-    assert engine.backend_bytes(CAPA_NO_STLS + b"+OK\r\nbody\r\n") == [ToClient(CAPA_NO_STLS + b"+OK\r\nbody\r\n")]
+    replies = CAPA_NO_STLS + b"+OK\r\nbody\r\n"
+    assert engine.backend_bytes(replies) == [ToClient(replies)]
     assert engine.backend_bytes(b".\r\n+O") == [
         ToClient(b".\r\n"),
         ToBackend(b"NO"),
@@ -463,6 +476,8 @@ def test_implicit_tls_waits_for_capa_and_pending_replies_then_emits_leftovers():
         Passthrough(),
     ]
     assert engine.client_bytes(b"OP\r\n") == [ToBackend(b"OP\r\n")]
+    assert engine.backend_bytes(b"K\r\n") == [ToClient(b"K\r\n")]
+    assert engine.backend_closed() == [Close("backend_closed")]
 
 
 # ---------------------------------------------------------------- properties
@@ -585,7 +600,9 @@ _EVENT = st.tuples(
 @settings(max_examples=500)
 @given(st.booleans(), st.booleans(), st.lists(_EVENT, max_size=40))
 def test_random_input_never_raises_and_stays_bounded(tls, require_tls, events):
-    policy = EnginePolicy(require_tls=require_tls, max_line_length=64, max_held_bytes=128, max_reply_bytes=256)
+    policy = EnginePolicy(
+        require_tls=require_tls, max_line_length=64, max_held_bytes=128, max_reply_bytes=256
+    )
     engine = Pop3Engine(policy)
     engine.start(tls)
     closed = False

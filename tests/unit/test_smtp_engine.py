@@ -88,7 +88,7 @@ def events(actions: list) -> list:
     return [a for a in actions if not isinstance(a, (ToClient, ToBackend))]
 
 
-def greeted(tls: bool = False, ehlo_reply: bytes = EHLO_REPLY, **policy) -> Session:
+def greeted(*, tls: bool = False, ehlo_reply: bytes = EHLO_REPLY, **policy) -> Session:
     """Greeting relayed and a first EHLO answered."""
     s = Session(tls, **policy)
     s.backend(GREETING)
@@ -262,7 +262,9 @@ def test_starttls_before_greeting_waits_for_greeting():
     assert s.backend(GREETING) == [ToClient(GREETING), ToClient(READY), StartTls()]
 
 
-@pytest.mark.parametrize("verb", [b"MAIL FROM:<a@x>", b"RCPT TO:<b@y>", b"DATA", b"BDAT 0 LAST", b"AUTH PLAIN"])
+@pytest.mark.parametrize(
+    "verb", [b"MAIL FROM:<a@x>", b"RCPT TO:<b@y>", b"DATA", b"BDAT 0 LAST", b"AUTH PLAIN"]
+)
 def test_after_tls_commands_need_a_new_ehlo_503_from_proxy(verb):
     s = secured()
     assert s.client(verb + b"\r\n") == [ToClient(EHLO_AGAIN)]
@@ -869,6 +871,16 @@ def test_auth_challenge_response_forwarded_unparsed():
     assert s.client(b"STARTTLS\r\n") == [ToClient(NOT_AFTER_AUTH)]
 
 
+def test_auth_sasl_response_with_bare_lf_closes_protocol_error():
+    s = greeted()
+    s.client(b"AUTH LOGIN\r\n")
+    s.backend(b"334 VXNlcm5hbWU6\r\n")
+    assert s.client(b"dXNlcg==\nRSET\r\n") == [
+        ToClient(b"421 4.7.0 tlsproxy Malformed SASL response\r\n"),
+        Close("protocol_error"),
+    ]
+
+
 def test_auth_failure_returns_to_commands():
     s = greeted()
     s.client(b"AUTH LOGIN\r\n")
@@ -970,7 +982,10 @@ def test_tls_started_after_abort_does_not_revive_the_session():
 
 def test_abort_uses_server_name():
     s = Session(server_name="mx-proxy")
-    assert s.abort("shutdown") == [ToClient(b"421 4.3.2 mx-proxy Service shutting down\r\n"), Close("shutdown")]
+    assert s.abort("shutdown") == [
+        ToClient(b"421 4.3.2 mx-proxy Service shutting down\r\n"),
+        Close("shutdown"),
+    ]
 
 
 def test_abort_after_passthrough_only_closes():
@@ -1057,10 +1072,10 @@ def test_no_passthrough_while_a_reply_is_pending():
 
 
 def test_no_passthrough_before_tls():
-    s = greeted(EHLO_REPLY)
+    s = greeted(ehlo_reply=EHLO_REPLY)
     for _ in range(2):
         s.client(b"EHLO x\r\n")
-        assert Passthrough() not in s.backend(EHLO_REPLY)
+        assert s.backend(EHLO_REPLY) == [ToClient(EHLO_REPLY_OFFERED)]
     s.client(b"NOOP\r\n")
     assert s.backend(OK) == [ToClient(OK)]
 
@@ -1206,7 +1221,9 @@ def stuff(lines: list[bytes]) -> bytes:
     lines=st.lists(
         st.one_of(
             st.binary(max_size=40),
-            st.sampled_from([b".", b"..", b".\r", b"\n.", b"\r\n.\r\n", b"\r", b"\n", b"STARTTLS", b"x\r\n."]),
+            st.sampled_from(
+                [b".", b"..", b".\r", b"\n.", b"\r\n.\r\n", b"\r", b"\n", b"STARTTLS", b"x\r\n."]
+            ),
         ),
         max_size=12,
     ),
@@ -1321,8 +1338,10 @@ def test_property_random_bytes_never_raise_and_buffers_stay_bounded(ops, tls, re
             if isinstance(a, Close):
                 closed = True
             if isinstance(a, Passthrough):
+                assert engine._tls, "never Passthrough before TLS"
                 passthrough = True
             if isinstance(a, StartTls):
+                assert not engine._tls
                 # The shell runs the handshake before anything else.
                 assert engine.tls_started() == []
         if not closed and not passthrough:

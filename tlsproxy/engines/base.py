@@ -179,8 +179,10 @@ def first_word(line: bytes) -> tuple[bytes, bytes]:
     """Split a command line (CRLF included) into an upper-cased verb and the rest
     (without the separating space and the CRLF)."""
     body = line[:-2] if line.endswith(b"\r\n") else line
-    verb, _, rest = body.partition(b" ")
-    return verb.upper(), rest
+    # A tab separates words for many servers: "MAIL\tFROM:" must not slip past
+    # a check that looks for "MAIL".
+    parts = body.replace(b"\t", b" ").split(b" ", 1)
+    return parts[0].upper(), parts[1] if len(parts) > 1 else b""
 
 
 # ---------------------------------------------------------------- ordering

@@ -89,7 +89,9 @@ _TAG = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\+]+')
 _ATOM = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\\]]+')
 _LITERAL_AT_END = re.compile(rb"~?\{(\d+)(\+?)\}\r\n\Z")
 _CAP_DATA = re.compile(rb"(\* CAPABILITY)((?: .*)?)(\r\n)\Z", re.I | re.S)
-_CAP_CODE = re.compile(rb"(\S+ (?:OK|NO|BAD|PREAUTH|BYE) \[CAPABILITY)([^\]]*)(\].*)\Z", re.I | re.S)
+_CAP_CODE = re.compile(
+    rb"(\S+ (?:OK|NO|BAD|PREAUTH|BYE) \[CAPABILITY)([^\]]*)(\].*)\Z", re.I | re.S
+)
 
 _MAX_LITERAL_DIGITS = 19  # number64 (RFC 9051); longer sizes are refused, never guessed
 _LITERAL_MINUS_MAX = 4096  # RFC 7888 LITERAL- (and IMAP4rev2) non-sync limit
@@ -117,6 +119,8 @@ _TOO_BIG = _Literal(-1, True)
 
 
 def _literal_at_end(line: bytes) -> _Literal | None:
+    if not line.endswith(b"}\r\n"):  # the common case, without a regex scan
+        return None
     m = _LITERAL_AT_END.search(line)
     if m is None:
         return None
@@ -283,7 +287,8 @@ class ImapEngine:
         lit = _literal_at_end(line)
         valid_tag = _TAG.fullmatch(tag) is not None
         if has_bare_cr_lf_or_nul(line):
-            return self._refuse(tag if valid_tag else b"*", b"BAD Invalid characters in command", lit)
+            reply_tag = tag if valid_tag else b"*"
+            return self._refuse(reply_tag, b"BAD Invalid characters in command", lit)
         if not valid_tag:
             return self._refuse(b"*", b"BAD Invalid tag", lit)
         if not _ATOM.fullmatch(verb):
@@ -419,7 +424,8 @@ class ImapEngine:
         status = _second_word(line)
         if status == b"PREAUTH":
             if not self._tls:  # the client could never STARTTLS: refuse the session
-                return self._bye_close(b"Pre-authenticated session refused before TLS", "preauth_refused")
+                text = b"Pre-authenticated session refused before TLS"
+                return self._bye_close(text, "preauth_refused")
             self._authenticated = True
         elif status == b"BYE":
             self._backend_said_bye = True
@@ -504,8 +510,10 @@ class ImapEngine:
                 self._nonsync_max = max(self._nonsync_max, _LITERAL_MINUS_MAX)
             if plaintext and name.startswith(b"COMPRESS="):
                 continue  # a deflate stream could not be parsed for STARTTLS
-            if self._refusing_plaintext_auth() and (name.startswith(b"AUTH=") or name == b"LOGINDISABLED"):
-                continue
+            if self._refusing_plaintext_auth() and (
+                name.startswith(b"AUTH=") or name == b"LOGINDISABLED"
+            ):
+                continue  # we add our own LOGINDISABLED below
             kept.append(atom)
         if plaintext and not self._authenticated:
             kept.append(b"STARTTLS")

@@ -72,6 +72,12 @@ class _Reading(enum.Enum):
 
 
 class Pop3Engine:
+    """POP3 implementation of the Engine protocol (see base.py).
+
+    Close reasons it emits itself: client_closed, backend_closed, quit,
+    line_too_long, buffer_full, injection; abort() passes the shell's through.
+    """
+
     def __init__(self, policy: EnginePolicy) -> None:
         self._policy = policy
         self._state = _State.COMMANDS
@@ -99,7 +105,7 @@ class Pop3Engine:
         if self._state is _State.CLOSED or not data:
             return []
         if self._state is _State.PASSTHROUGH:
-            return [ToBackend(data)]
+            return [ToBackend(data)]  # the shell should relay itself; stay harmless
         if self._state in (_State.STLS_WAIT, _State.HANDSHAKE):
             # Plaintext behind STLS would be read as if it came over TLS.
             return self._injection()
@@ -255,7 +261,7 @@ class Pop3Engine:
             return self._on_auth_reply(verb, arg, status, word)
         if verb in (b"PASS", b"APOP") and word == b"+OK":
             self._authenticated = True
-        if verb == b"QUIT":
+        if verb == b"QUIT":  # the server ends the session after any reply (RFC 1939 §6)
             return [ToClient(status)] + self._close("quit")
         multi = verb in _MULTI_ALWAYS or (verb in _MULTI_WITHOUT_ARG and not arg.strip())
         if multi and word == b"+OK":

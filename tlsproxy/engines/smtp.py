@@ -71,7 +71,7 @@ class SmtpEngine:
         self._mode = _Mode.COMMAND
         self._tls = False
         self._raw = False
-        self._need_ehlo = False  # after STARTTLS until a successful EHLO/HELO
+        self._need_ehlo = False  # after STARTTLS until the client sends EHLO/HELO
         self._greeted_over_tls = False  # an EHLO/HELO succeeded with TLS on
         self._backend_starttls: bool | None = None  # did its EHLO offer it?
         self._authenticated = False
@@ -208,6 +208,8 @@ class SmtpEngine:
 
         on_reply = self._forward_reply
         if verb in (b"EHLO", b"HELO"):
+            # Sent is enough: the backend judges what is pipelined behind it.
+            self._need_ehlo = False
             on_reply = lambda lines, v=verb, a=arg: self._on_ehlo(v, a, lines)  # noqa: E731
         elif verb == b"DATA":
             self._mode = _Mode.HOLD
