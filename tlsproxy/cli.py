@@ -86,36 +86,19 @@ async def serve(config) -> int:
     except (OSError, ValueError) as exc:
         print(f"tlsproxy: cannot start: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    metrics_server = None
-    if config.metrics.listen is not None:
-        from prometheus_client import start_http_server
-
-        addr = config.metrics.listen
-        try:
-            metrics_server, _ = start_http_server(
-                addr.port, addr=addr.host, registry=proxy.metrics.registry
-            )
-        except OSError as exc:
-            print(f"tlsproxy: cannot listen on {addr} ([metrics]): {exc}", file=sys.stderr)
-            return 1
-    try:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_signals, signals, proxy, nursery.cancel_scope)
-                rc = 0
-                try:
-                    await proxy.run()
-                except OSError as exc:
-                    # Listeners bind in order: the first without sockets failed.
-                    failed = next((lst for lst in proxy.listeners if not lst.sockets), None)
-                    where = f' on {failed.config.listen} (listener "{failed.name}")' if failed else ""
-                    print(f"tlsproxy: cannot listen{where}: {exc}", file=sys.stderr)
-                    rc = 1
-                nursery.cancel_scope.cancel()
-    finally:
-        if metrics_server is not None:
-            metrics_server.shutdown()
-            metrics_server.server_close()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, signals, proxy, nursery.cancel_scope)
+            rc = 0
+            try:
+                await proxy.run()
+            except OSError as exc:
+                # Listeners bind in order: the first without sockets failed.
+                failed = next((lst for lst in proxy.listeners if not lst.sockets), None)
+                where = f' on {failed.config.listen} (listener "{failed.name}")' if failed else ""
+                print(f"tlsproxy: cannot listen{where}: {exc}", file=sys.stderr)
+                rc = 1
+            nursery.cancel_scope.cancel()
     return rc
 
 

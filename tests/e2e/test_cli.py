@@ -104,7 +104,10 @@ def smtp(name: str, listen: str, backend: str, mode: str = "starttls", **extra: 
 
 def test_version_via_python_m() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "tlsproxy", "--version"], capture_output=True, text=True, timeout=PROCESS_TIMEOUT
+        [sys.executable, "-m", "tlsproxy", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"tlsproxy {tlsproxy.__version__}"
@@ -128,7 +131,8 @@ def test_no_command_is_a_usage_error() -> None:
 GOOD_LISTENERS = [
     smtp("submission", "127.0.0.1:2587", "127.0.0.1:1587", require_tls=True),
     smtp("submissions", "127.0.0.1:2465", "127.0.0.1:1587", mode="implicit"),
-    {"name": "imap", "protocol": "imap", "mode": "starttls", "listen": "[::1]:2143", "backend": "127.0.0.1:1143"},
+    {"name": "imap", "protocol": "imap", "mode": "starttls", "listen": "[::1]:2143",
+     "backend": "127.0.0.1:1143"},
 ]
 
 
@@ -162,7 +166,8 @@ IMAP = 'listeners[1] "imap"'
         ({"require_tls": "yes"}, f"{IMAP}: key 'require_tls': expected true or false"),
         ({"backend": "::1:143"}, f"{IMAP}: key 'backend': write IPv6 addresses in brackets"),
         ({"listen": "127.0.0.1:70000"}, f"{IMAP}: key 'listen': port must be 1-65535"),
-        ({"listen": "127.0.0.1:2587"}, f"{IMAP}: key 'listen': 127.0.0.1:2587 overlaps listener \"submission\""),
+        ({"listen": "127.0.0.1:2587"},
+         f"{IMAP}: key 'listen': 127.0.0.1:2587 overlaps listener \"submission\""),
         ({"protocol": "tcp"}, f"{IMAP}: key 'mode': 'starttls' needs a mail protocol"),
         ({"idle_timeout": -5}, f"{IMAP}: key 'idle_timeout': must be at least"),
         ({"tls": "x"}, f"{IMAP}: key 'tls': must be a table"),
@@ -200,7 +205,9 @@ def test_check_config_missing_cert_file(confdir: Path) -> None:
     out = cli("check-config", "--config", str(path))
 
     assert out.returncode == EXIT_CONFIG
-    assert out.stderr.startswith("tlsproxy: config error: listeners[0] \"submission\": key 'cert': cannot read")
+    assert out.stderr.startswith(
+        "tlsproxy: config error: listeners[0] \"submission\": key 'cert': cannot read"
+    )
 
 
 def test_check_config_invalid_toml(confdir: Path) -> None:
@@ -336,14 +343,18 @@ def split_leaf(cert_pem: Path, out: Path) -> Path:
 
 
 def openssl_verify(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["openssl", "verify", *args], capture_output=True, text=True, timeout=PROCESS_TIMEOUT)
+    return subprocess.run(
+        ["openssl", "verify", *args], capture_output=True, text=True, timeout=PROCESS_TIMEOUT
+    )
 
 
 def test_gen_cert_openssl_verifies_the_leaf(ecdsa_dir: Path, tmp_path: Path, pki: Path) -> None:
     leaf = split_leaf(ecdsa_dir / "cert.pem", tmp_path / "leaf.pem")
     ca = str(ecdsa_dir / "ca.pem")
 
-    ok = openssl_verify("-CAfile", ca, "-purpose", "sslserver", "-verify_hostname", "mail.example.com", str(leaf))
+    ok = openssl_verify(
+        "-CAfile", ca, "-purpose", "sslserver", "-verify_hostname", "mail.example.com", str(leaf)
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.strip() == f"{leaf}: OK"
 
@@ -704,7 +715,7 @@ async def test_metrics_endpoint_is_served(confdir: Path) -> None:
 
 
 def test_run_with_the_port_already_in_use(confdir: Path) -> None:
-    free, taken = free_port(), None
+    free = free_port()
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()

@@ -655,7 +655,9 @@ def test_garbage_key_file(confdir: Path, content: str) -> None:
 
 
 def test_cert_and_key_swapped(confdir: Path) -> None:
-    text = variant('cert = "certs/cert.pem"\nkey = "certs/key.pem"', 'cert = "certs/key.pem"\nkey = "certs/cert.pem"')
+    text = variant(
+        'cert = "certs/cert.pem"\nkey = "certs/key.pem"', 'cert = "certs/key.pem"\nkey = "certs/cert.pem"'
+    )
     msg = error_of(confdir, text)
     assert msg.startswith(f"{LST}: key 'cert'")
 

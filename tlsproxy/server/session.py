@@ -126,16 +126,18 @@ class Session:
 
     async def _run(self) -> None:
         implicit = self.listener.config.mode == "implicit"
-        if implicit and not await self._handshake(first=None):
-            return
-        if not await self._connect_backend():
-            return
-        assert self.backend is not None
-        self.client_out = Outbox(self.client, OUTBOX_LIMIT)
-        self.backend_out = Outbox(self.backend, OUTBOX_LIMIT)
+        # One scope over every phase, so that a shutdown also ends sessions
+        # still in their handshake or backend connect.
         with trio.CancelScope() as self._scope:
             if self._abort_reason:
                 self._scope.cancel()
+            if implicit and not await self._handshake(first=None):
+                return
+            if not await self._connect_backend():
+                return
+            assert self.backend is not None
+            self.client_out = Outbox(self.client, OUTBOX_LIMIT)
+            self.backend_out = Outbox(self.backend, OUTBOX_LIMIT)
             with self._idle:
                 self._touch()
                 async with trio.open_nursery() as nursery:
@@ -144,9 +146,13 @@ class Session:
                     await self._execute(self.engine.start(tls=implicit))
                     nursery.start_soon(self._client_reader)
                     nursery.start_soon(self._backend_reader)
-        if self.close_reason is None:
-            reason = self._abort_reason or ("idle_timeout" if self._idle.cancelled_caught else "other")
-            await self._goodbye(self.engine.abort(reason))
+        if self.close_reason is not None:
+            return
+        reason = self._abort_reason or ("idle_timeout" if self._idle.cancelled_caught else "other")
+        if implicit and self.tls_version is None:
+            self.close_reason = reason  # no TLS yet to say goodbye in
+            return
+        await self._goodbye(self.engine.abort(reason))
 
     async def _connect_backend(self) -> bool:
         addr = self.listener.config.backend
