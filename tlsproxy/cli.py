@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run the proxy until SIGTERM/SIGINT")
+    p = sub.add_parser("run", help="run the proxy until SIGTERM/SIGINT; SIGHUP reloads certificates")
     p.add_argument("--config", "-c", required=True, type=Path)
     p = sub.add_parser("check-config", help="validate a config file and exit")
     p.add_argument("--config", "-c", required=True, type=Path)
@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--days", type=int, default=365, help="leaf validity, at most 366")
     p = sub.add_parser("demo", help="a legacy SMTP server with tlsproxy in front, on localhost")
     p.add_argument("--port", type=int, default=2587, help="STARTTLS port (implicit TLS is port+1)")
+    from . import probe
+
+    p = sub.add_parser("probe", help="check a mail server's STARTTLS/TLS from the client side")
+    probe.add_arguments(p)
 
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -43,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "gen-cert":
         return _gen_cert(args)
+    if args.command == "probe":
+        return probe.run(args)
     if args.command == "demo":
         from .demo import run_demo
 
@@ -86,7 +92,7 @@ async def serve(config) -> int:
     except (OSError, ValueError) as exc:
         print(f"tlsproxy: cannot start: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, signals, proxy, nursery.cancel_scope)
             rc = 0
@@ -104,6 +110,10 @@ async def serve(config) -> int:
 
 async def _watch_signals(signals, proxy, scope: trio.CancelScope) -> None:
     async for signum in signals:
+        if signum == signal.SIGHUP:
+            log.info("SIGHUP: reloading certificates")
+            proxy.reload_certificates()
+            continue
         if proxy.ready:
             log.info("%s: stopping gracefully (again to exit at once)", signal.Signals(signum).name)
             proxy.stop()

@@ -10,7 +10,7 @@ from pathlib import Path
 import trio
 
 from .certs import generate
-from .config import Address, Config, Limits, ListenerConfig, TlsSettings
+from .config import Address, Config, Limits, ListenerConfig, MetricsConfig, TlsSettings
 from .legacy_smtp import LegacySmtpServer, ReceivedMessage
 from .server.proxy import Proxy
 
@@ -37,6 +37,7 @@ def demo_config(certs: Path, backend_port: int, port: int) -> Config:
             ListenerConfig("submission", "smtp", "starttls", Address("127.0.0.1", port), backend, True, tls, Limits()),
             ListenerConfig("submissions", "smtp", "implicit", Address("127.0.0.1", port + 1), backend, False, tls, Limits()),
         ),
+        metrics=MetricsConfig(listen=Address("127.0.0.1", port + 2)),
         shutdown_grace=2.0,
     )
 
@@ -56,6 +57,7 @@ async def run_demo(port: int) -> int:
 tlsproxy demo: a plaintext-only SMTP server on 127.0.0.1:{backend.port}, and in front of it
   STARTTLS (require_tls) on 127.0.0.1:{port}   implicit TLS on 127.0.0.1:{port + 1}
 Certificates (throwaway, CA {ca}).
+Metrics: http://127.0.0.1:{port + 2}/metrics
 
 Try, in another terminal:
   openssl s_client -starttls smtp -connect 127.0.0.1:{port} -CAfile {ca} -crlf

@@ -98,6 +98,12 @@ class Metrics:
             ["listener", "reason"],
             registry=r,
         )
+        self.certificate_reloads = Counter(
+            "tlsproxy_certificate_reloads",
+            "Certificate reloads (SIGHUP), by result; on failure the old certificate stays.",
+            ["listener", "result"],
+            registry=r,
+        )
         self.refused_connections = Counter(
             "tlsproxy_refused_connections",
             "Connections refused before any proxying (connection limit, shutdown).",
@@ -141,6 +147,9 @@ class ListenerMetrics:
 
     def closed(self, reason: str) -> None:
         self._m.closes.labels(self.name, reason).inc()
+
+    def certificate_reload(self, result: str) -> None:
+        self._m.certificate_reloads.labels(self.name, result).inc()
 
     def refused(self, reason: str) -> None:
         self._m.refused_connections.labels(self.name, reason).inc()

@@ -4,6 +4,7 @@ renegotiation, graceful stop, and the demo as a user runs it."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import smtplib
 import ssl
@@ -167,7 +168,7 @@ def test_demo_delivers_a_message_and_stops_on_sigint(tmp_path):
             if "Press Ctrl-C" in line:
                 break
         banner = "".join(lines)
-        ca = next(w for w in banner.split() if w.endswith("ca.pem)") or w.endswith("ca.pem")).rstrip(").")
+        ca = re.search(r"(/\S+/ca\.pem)", banner).group(1)
         ctx = ssl.create_default_context(cafile=ca)
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.starttls(context=ctx)

@@ -9,11 +9,12 @@ stragglers with their protocol's goodbye.
 from __future__ import annotations
 
 import errno
+import ssl
 import logging
 
 import trio
 
-from ..certs import check_pair
+from ..certs import CertificateError, check_pair
 from ..config import Config, ListenerConfig
 from ..engines.base import EnginePolicy
 from ..metrics import Metrics
@@ -47,12 +48,18 @@ class Listener:
         self.config = config
         self.name = config.name
         self.metrics = metrics.for_listener(config.name)
-        self.ssl_context = server_context(config.tls)
-        cert = check_pair(config.tls.cert, config.tls.key)
-        self.metrics.certificate_expiry.set(cert.not_after.timestamp())
+        self.load_certificate()
         self._engine_class = _engine_class(config.protocol)
         self.sessions: set[Session] = set()
         self.sockets: list[trio.SocketListener] = []
+
+    def load_certificate(self) -> None:
+        """(Re)build the TLS context from the configured files. Sessions read
+        ``ssl_context`` when their handshake starts, so the swap affects new
+        handshakes only. On error (raised) the old context stays in service."""
+        cert = check_pair(self.config.tls.cert, self.config.tls.key)
+        self.ssl_context = server_context(self.config.tls)
+        self.metrics.certificate_expiry.set(cert.not_after.timestamp())
 
     def new_engine(self, policy: EnginePolicy):
         return self._engine_class(policy)
@@ -84,6 +91,22 @@ class Proxy:
         self._stopping = True
         self._accepting.cancel()
 
+    def reload_certificates(self) -> bool:
+        """Reload every listener's certificate and key (SIGHUP). A listener
+        whose new files do not load keeps its old certificate."""
+        ok = True
+        for lst in self.listeners:
+            try:
+                lst.load_certificate()
+            except (CertificateError, OSError, ssl.SSLError) as exc:
+                ok = False
+                lst.metrics.certificate_reload("failure")
+                log.error("listener %s: certificate reload failed, keeping the old one: %s", lst.name, exc)
+            else:
+                lst.metrics.certificate_reload("success")
+                log.info("listener %s: certificate reloaded", lst.name)
+        return ok
+
     def abort_all(self) -> None:
         for lst in self.listeners:
             for session in list(lst.sessions):
@@ -98,23 +121,34 @@ class Proxy:
                 "listener %s: %s %s on %s -> %s", lst.name, lst.config.protocol,
                 lst.config.mode, addr, lst.config.backend,
             )
-        async with trio.open_nursery() as sessions:
-            with self._accepting:
-                async with trio.open_nursery() as acceptors:
-                    for lst in self.listeners:
-                        for sock in lst.sockets:
-                            acceptors.start_soon(self._accept_loop, lst, sock, sessions)
-                    self.ready = True
-                    task_status.started(self)
-            self.ready = False
-            for lst in self.listeners:
-                for sock in lst.sockets:
-                    await sock.aclose()
-            if self.active_sessions:
-                log.info("stopping: %d open sessions get %.0fs", self.active_sessions, self.config.shutdown_grace)
-                with trio.move_on_after(self.config.shutdown_grace):
-                    await self._drained.wait()
-            self.abort_all()
+        # The metrics endpoint: bound here, before any nursery, so a port in
+        # use is a plain OSError; served from a nursery that outlives the
+        # sessions one, so metrics stay up during the graceful drain.
+        from ..http import open_http_listeners, serve_http
+
+        http_sockets = await open_http_listeners(self) if self.config.metrics.listen else None
+        async with trio.open_nursery() as http:
+            if http_sockets:
+                await http.start(serve_http, self, http_sockets)
+            async with trio.open_nursery() as sessions:
+                with self._accepting:
+                    async with trio.open_nursery() as acceptors:
+                        for lst in self.listeners:
+                            for sock in lst.sockets:
+                                acceptors.start_soon(self._accept_loop, lst, sock, sessions)
+                        self.ready = True
+                        log.info("ready: %d listeners", len(self.listeners))
+                        task_status.started(self)
+                self.ready = False
+                for lst in self.listeners:
+                    for sock in lst.sockets:
+                        await sock.aclose()
+                if self.active_sessions:
+                    log.info("stopping: %d open sessions get %.0fs", self.active_sessions, self.config.shutdown_grace)
+                    with trio.move_on_after(self.config.shutdown_grace):
+                        await self._drained.wait()
+                self.abort_all()
+            http.cancel_scope.cancel()
         log.info("stopped")
 
     async def _accept_loop(self, lst: Listener, sock: trio.SocketListener, nursery: trio.Nursery) -> None:

@@ -148,6 +148,11 @@ class Session:
                     nursery.start_soon(self._backend_reader)
         if self.close_reason is not None:
             return
+        if self._tls_pending and self._idle.cancelled_caught and not self._abort_reason:
+            # STARTTLS answered, then no ClientHello within handshake_timeout.
+            self.metrics.handshake_failed("timeout")
+            self.close_reason = "tls_failed"
+            return
         reason = self._abort_reason or ("idle_timeout" if self._idle.cancelled_caught else "other")
         if implicit and self.tls_version is None:
             self.close_reason = reason  # no TLS yet to say goodbye in
