@@ -8,11 +8,18 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import HealthCheck, settings
 
 from tlsproxy.certs import GeneratedFiles, generate
 from tlsproxy.config import Address, Config, Limits, ListenerConfig, TlsSettings
 from tlsproxy.legacy_smtp import LegacySmtpServer
 from tlsproxy.server.proxy import Proxy
+
+
+# No timing assertions: hypothesis's per-example deadline and "too slow" check
+# measure the machine's load, not the code's correctness.
+settings.register_profile("tlsproxy", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("tlsproxy")
 
 
 @pytest.fixture(scope="session")

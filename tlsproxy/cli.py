@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key-type", choices=["ecdsa", "rsa"], default="ecdsa")
     p.add_argument("--days", type=int, default=365, help="leaf validity, at most 366")
     p = sub.add_parser("demo", help="a legacy SMTP server with tlsproxy in front, on localhost")
-    p.add_argument("--port", type=int, default=2587, help="STARTTLS port (implicit TLS is port+1)")
+    p.add_argument(
+        "--port", type=int, default=2587,
+        help="STARTTLS port; implicit TLS on port+1, metrics on port+2 (0: any free ports)",
+    )
     from . import probe
 
     p = sub.add_parser("probe", help="check a mail server's STARTTLS/TLS from the client side")

@@ -29,15 +29,21 @@ def _show(msg: ReceivedMessage) -> None:
 
 
 def demo_config(certs: Path, backend_port: int, port: int) -> Config:
+    """STARTTLS on ``port``, implicit TLS on port+1, metrics on port+2 (all
+    ephemeral when ``port`` is 0)."""
     files = generate(certs, ["localhost", "127.0.0.1", "::1"])
     tls = TlsSettings(cert=files.cert, key=files.key)
     backend = Address("127.0.0.1", backend_port)
+
+    def local(offset: int) -> Address:
+        return Address("127.0.0.1", port + offset if port else 0)
+
     return Config(
         listeners=(
-            ListenerConfig("submission", "smtp", "starttls", Address("127.0.0.1", port), backend, True, tls, Limits()),
-            ListenerConfig("submissions", "smtp", "implicit", Address("127.0.0.1", port + 1), backend, False, tls, Limits()),
+            ListenerConfig("submission", "smtp", "starttls", local(0), backend, True, tls, Limits()),
+            ListenerConfig("submissions", "smtp", "implicit", local(1), backend, False, tls, Limits()),
         ),
-        metrics=MetricsConfig(listen=Address("127.0.0.1", port + 2)),
+        metrics=MetricsConfig(listen=local(2)),
         shutdown_grace=2.0,
     )
 
@@ -52,17 +58,19 @@ async def run_demo(port: int) -> int:
             async with trio.open_nursery() as nursery:
                 await nursery.start(proxy.run)
                 ca = Path(tmp) / "ca.pem"
+                port, port_tls = (lst.bound_ports[0] for lst in proxy.listeners)
+                port_http = proxy.http_port
                 print(
                     f"""
 tlsproxy demo: a plaintext-only SMTP server on 127.0.0.1:{backend.port}, and in front of it
-  STARTTLS (require_tls) on 127.0.0.1:{port}   implicit TLS on 127.0.0.1:{port + 1}
+  STARTTLS (require_tls) on 127.0.0.1:{port}   implicit TLS on 127.0.0.1:{port_tls}
 Certificates (throwaway, CA {ca}).
-Metrics: http://127.0.0.1:{port + 2}/metrics
+Metrics: http://127.0.0.1:{port_http}/metrics
 
 Try, in another terminal:
   openssl s_client -starttls smtp -connect 127.0.0.1:{port} -CAfile {ca} -crlf
   swaks --server 127.0.0.1:{port} --tls --to you@example.com --from me@example.com
-  swaks --server 127.0.0.1:{port + 1} --tlsc --auth PLAIN --auth-user demo --auth-password secret
+  swaks --server 127.0.0.1:{port_tls} --tlsc --auth PLAIN --auth-user demo --auth-password secret
   python3 -c "import smtplib,ssl; s=smtplib.SMTP('127.0.0.1',{port}); \\
 s.starttls(context=ssl.create_default_context(cafile='{ca}')); \\
 s.sendmail('me@example.com',['you@example.com'],'Subject: hi\\r\\n\\r\\nhello'); s.quit()"

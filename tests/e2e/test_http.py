@@ -115,7 +115,8 @@ async def test_metrics_body_is_the_registry(nursery, smtp_backend, certs):
     assert served == samples(proxy.metrics.registry.collect())
     expiry = proxy.listener("sub").metrics.certificate_expiry._value.get()
     assert expiry > time.time()
-    assert ("tlsproxy_certificate_expiry_timestamp_seconds", frozenset({("listener", "sub")}), expiry) in served
+    name = "tlsproxy_certificate_expiry_timestamp_seconds"
+    assert (name, frozenset({("listener", "sub")}), expiry) in served
 
 
 async def test_metrics_openmetrics_when_the_scraper_asks(nursery, smtp_backend, certs):
@@ -134,7 +135,8 @@ async def test_head_has_headers_and_no_body(nursery, smtp_backend, certs):
     head, sep, body = reply.partition(b"\r\n\r\n")
     assert sep and body == b""
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
-    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")).split(b":")[1])
+    headers = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+    length = int(headers[b"Content-Length"])
     _, _, get_body = await get(proxy.http_port, "/metrics")
     assert length == len(get_body) and length > 1000  # the same page, nothing moved in between
 

@@ -152,13 +152,8 @@ async def _started(run, proxy, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
 def test_demo_delivers_a_message_and_stops_on_sigint(tmp_path):
     """The README's demo as a user runs it: start, send a mail with smtplib over
     STARTTLS with the printed CA, see it shown, Ctrl-C, exit 0."""
-    import socket
-
-    with socket.socket() as s:  # two free consecutive ports are likely; retry otherwise
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tlsproxy", "demo", "--port", str(port)],
+        [sys.executable, "-m", "tlsproxy", "demo", "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -169,6 +164,7 @@ def test_demo_delivers_a_message_and_stops_on_sigint(tmp_path):
                 break
         banner = "".join(lines)
         ca = re.search(r"(/\S+/ca\.pem)", banner).group(1)
+        port = int(re.search(r"STARTTLS \(require_tls\) on 127\.0\.0\.1:(\d+)", banner).group(1))
         ctx = ssl.create_default_context(cafile=ca)
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.starttls(context=ctx)

@@ -55,6 +55,7 @@ async def test_smtplib_starttls_and_implicit_deliver_byte_exact(nursery, smtp_ba
     assert [m.content for m in smtp_backend.messages] == [message, message]
     assert all(m.authenticated_as == b"alice" for m in smtp_backend.messages)
     assert b"STARTTLS" not in smtp_backend.commands  # handled by the proxy, never forwarded
+    await proxy.wait_idle(finished=2)
     m = proxy.metrics
     assert sample(m.sessions, listener="sub", encrypted="true") == 1
     assert sample(m.sessions, listener="smtps", encrypted="true") == 1

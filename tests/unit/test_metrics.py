@@ -60,7 +60,8 @@ def tls_samples(proxy: Proxy) -> dict[tuple[str, str, str], float]:
 
 
 def failures(proxy: Proxy, name: str) -> dict[str, float]:
-    return {r: sample(proxy.metrics.handshake_failures, listener=name, reason=r) for r in HANDSHAKE_FAILURE_REASONS}
+    m = proxy.metrics.handshake_failures
+    return {r: sample(m, listener=name, reason=r) for r in HANDSHAKE_FAILURE_REASONS}
 
 
 def insecure_client(**kw) -> ssl.SSLContext:
@@ -199,7 +200,9 @@ async def test_active_connections_follows_open_sessions(nursery, smtp_backend, c
 # ---------------------------------------------------------------- TLS
 
 
-async def test_starttls_session_is_encrypted_with_version_and_cipher(nursery, smtp_backend, certs, client_ctx):
+async def test_starttls_session_is_encrypted_with_version_and_cipher(
+    nursery, smtp_backend, certs, client_ctx
+):
     proxy = await smtp_proxy(nursery, smtp_backend.port, certs)
     m = proxy.metrics
     client = await WireClient.connect(port_of(proxy, "sub"))
@@ -232,7 +235,9 @@ async def test_starttls_session_is_encrypted_with_version_and_cipher(nursery, sm
         ({"maximum_version": ssl.TLSVersion.TLSv1_2}, "TLSv1.2"),
     ],
 )
-async def test_implicit_tls_labels_version_and_cipher(nursery, smtp_backend, certs, client_kw, expected_version):
+async def test_implicit_tls_labels_version_and_cipher(
+    nursery, smtp_backend, certs, client_kw, expected_version
+):
     proxy = await smtp_proxy(nursery, smtp_backend.port, certs)
     for _ in range(2):
         client = await WireClient.connect(port_of(proxy, "smtps"), tls=insecure_client(**client_kw))
@@ -421,6 +426,8 @@ async def test_starttls_then_silence_is_a_handshake_timeout(nursery, smtp_backen
     await settled(proxy, 1)
     assert failures(proxy, "sub") == {r: 0 for r in HANDSHAKE_FAILURE_REASONS} | {"timeout": 1}
     assert failures(proxy, "smtps") == {r: 0 for r in HANDSHAKE_FAILURE_REASONS}
+    assert sample(proxy.metrics.closes, listener="sub", reason="tls_failed") == 1
+    assert sample(proxy.metrics.sessions, listener="sub", encrypted="false") == 1
 
 
 async def test_connection_over_the_limit_is_refused_not_a_session(nursery, smtp_backend, certs):

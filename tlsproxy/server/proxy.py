@@ -76,8 +76,9 @@ class Proxy:
         self.listeners = [Listener(lc, self.metrics) for lc in config.listeners]
         self.ready = False
         self._accepting = trio.CancelScope()
-        self._drained = trio.Event()
-        self._stopping = False
+        self.http_port: int | None = None  # bound metrics port, set by http.serve_http
+        self.finished_sessions = 0  # sessions ended since start
+        self._session_ended = trio.Event()
 
     def listener(self, name: str) -> Listener:
         return next(lst for lst in self.listeners if lst.name == name)
@@ -88,8 +89,13 @@ class Proxy:
 
     def stop(self) -> None:
         """Stop accepting; open sessions get ``shutdown_grace`` seconds."""
-        self._stopping = True
         self._accepting.cancel()
+
+    async def wait_idle(self, finished: int = 0) -> None:
+        """Wait until no session is open and at least ``finished`` sessions
+        have ended since start (the graceful drain; tests)."""
+        while self.active_sessions or self.finished_sessions < finished:
+            await self._session_ended.wait()
 
     def reload_certificates(self) -> bool:
         """Reload every listener's certificate and key (SIGHUP). A listener
@@ -144,9 +150,12 @@ class Proxy:
                     for sock in lst.sockets:
                         await sock.aclose()
                 if self.active_sessions:
-                    log.info("stopping: %d open sessions get %.0fs", self.active_sessions, self.config.shutdown_grace)
+                    log.info(
+                        "stopping: %d open sessions get %.0fs",
+                        self.active_sessions, self.config.shutdown_grace,
+                    )
                     with trio.move_on_after(self.config.shutdown_grace):
-                        await self._drained.wait()
+                        await self.wait_idle()
                 self.abort_all()
             http.cancel_scope.cancel()
         log.info("stopped")
@@ -178,8 +187,9 @@ class Proxy:
             await session.run()
         finally:
             lst.sessions.discard(session)
-            if self._stopping and not self.active_sessions:
-                self._drained.set()
+            self.finished_sessions += 1
+            self._session_ended.set()
+            self._session_ended = trio.Event()
 
     async def _refuse(self, lst: Listener, session: Session, reason: str) -> None:
         lst.metrics.refused(reason)

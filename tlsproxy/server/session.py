@@ -41,6 +41,7 @@ RECEIVE_SIZE = 65536
 RAW_RECEIVE_SIZE = 262144
 OUTBOX_LIMIT = 262144  # bytes queued towards one side before the other waits
 GOODBYE_TIMEOUT = 5.0  # seconds to flush a last reply before closing
+CLOSE_NOTIFY_TIMEOUT = 1.0
 TLS_HANDSHAKE_RECORD = 0x16
 
 
@@ -120,9 +121,20 @@ class Session:
                 self.listener.name, self.peer, self.tls_version or "-", self.tls_cipher or "-",
                 self._bytes_in, self._bytes_out, time.monotonic() - started, reason,
             )
-            for stream in (self.client, self.backend):
-                if stream is not None:
-                    await trio.aclose_forcefully(stream)
+            await self._close_client()
+            if self.backend is not None:
+                await trio.aclose_forcefully(self.backend)
+
+    async def _close_client(self) -> None:
+        """Say close_notify to a TLS client (RFC 8446 §6.1: strict clients
+        report a truncation attack without it), then close the socket."""
+        if isinstance(self.client, trio.SSLStream):
+            with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
+                try:
+                    await self.client.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        await trio.aclose_forcefully(self.client)
 
     async def _run(self) -> None:
         implicit = self.listener.config.mode == "implicit"
