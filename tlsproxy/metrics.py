@@ -137,6 +137,8 @@ class ListenerMetrics:
         # rate() and absent() behave before the first event.
         for reason in HANDSHAKE_FAILURE_REASONS:
             m.handshake_failures.labels(name, reason)
+        for result in ("success", "failure"):
+            m.certificate_reloads.labels(name, result)
 
     def handshake_failed(self, reason: str) -> None:
         self._m.handshake_failures.labels(self.name, reason).inc()
