@@ -130,10 +130,7 @@ class Session:
         report a truncation attack without it), then close the socket."""
         if isinstance(self.client, trio.SSLStream):
             with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
-                try:
-                    await self.client.aclose()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+                await _send_close_notify(self.client)
         await trio.aclose_forcefully(self.client)
 
     async def _run(self) -> None:
@@ -316,7 +313,9 @@ class Session:
                 first = await _receive(self.client, RECEIVE_SIZE)
             if not first:
                 reason = "client_closed"
-            elif first[0] != TLS_HANDSHAKE_RECORD:
+            elif first[0] != TLS_HANDSHAKE_RECORD and not first[0] & 0x80:
+                # (A first byte with the high bit set is an SSLv2-format
+                # ClientHello: a TLS attempt for OpenSSL to refuse, not text.)
                 # Plaintext where a ClientHello belongs: after STARTTLS it is an
                 # injection attempt (CVE-2011-0411 class); on an implicit port
                 # a confused client or scanner (an HTTP request, say).
@@ -346,6 +345,27 @@ class Session:
         self.close_reason = "injection" if reason == "injection" else "tls_failed"
         log.info("listener=%s client=%s TLS handshake failed: %s", self.listener.name, self.peer, reason)
         return False
+
+
+async def _send_close_notify(stream: trio.SSLStream) -> None:
+    """Write a TLS close_notify alert. trio marks an SSLStream broken when a
+    reader blocked in receive_some is cancelled (how every session ends), and
+    then its aclose() only drops the socket; the alert is still valid to send,
+    so produce it from the SSL object directly (trio keeps no public handle)."""
+    ssl_object = getattr(stream, "_ssl_object", None)
+    outgoing = getattr(stream, "_outgoing", None)
+    if ssl_object is None or outgoing is None:
+        return
+    try:
+        ssl_object.unwrap()
+    except (ssl.SSLWantReadError, ssl.SSLError, ValueError):
+        pass  # the alert is written before OpenSSL waits for the peer's
+    data = outgoing.read()
+    if data:
+        try:
+            await stream.transport_stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+            pass
 
 
 async def _receive(stream: trio.abc.ReceiveStream, size: int) -> bytes:
