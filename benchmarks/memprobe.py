@@ -8,6 +8,7 @@ the rest (OpenSSL, kernel-facing buffers, allocator overhead).
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,7 @@ def main() -> int:
     done.set()
     thread.join(30)
     backend.kill()
+    shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
