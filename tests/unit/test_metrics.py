@@ -28,12 +28,12 @@ def value(proxy: Proxy, name: str, **labels: str) -> float | None:
     return proxy.metrics.registry.get_sample_value(name, labels)
 
 
-async def wait_until(condition, what: str, attempts: int = 1000) -> None:
-    for _ in range(attempts):
-        if condition():
-            return
-        await trio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
+async def wait_until(proxy: Proxy, condition, what: str) -> None:
+    """Re-check ``condition`` each time a session ends (metrics move then)."""
+    with trio.move_on_after(30):  # a safety net against a hang, not a sync
+        while not condition():
+            await proxy.next_session_end()
+    assert condition(), f"timed out waiting for {what}"
 
 
 async def settled(proxy: Proxy, sessions: int, name: str | None = None) -> None:
@@ -45,7 +45,7 @@ async def settled(proxy: Proxy, sessions: int, name: str | None = None) -> None:
             sample(proxy.metrics.sessions, listener=n, encrypted=e) for n in names for e in ("true", "false")
         )
 
-    await wait_until(lambda: finished() >= sessions and proxy.active_sessions == 0, f"{sessions} sessions")
+    await wait_until(proxy, lambda: finished() >= sessions and proxy.active_sessions == 0, f"{sessions} sessions")
     assert finished() == sessions
 
 
@@ -192,7 +192,7 @@ async def test_active_connections_follows_open_sessions(nursery, smtp_backend, c
         assert sample(proxy.metrics.active, listener="sub") == n
     for n in range(2, -1, -1):
         await clients.pop().aclose()
-        await wait_until(lambda: sample(proxy.metrics.active, listener="sub") == n, f"{n} active")
+        await wait_until(proxy, lambda: sample(proxy.metrics.active, listener="sub") == n, f"{n} active")
         assert proxy.active_sessions == n
     assert sample(proxy.metrics.connections, listener="sub") == 3
 

@@ -95,7 +95,11 @@ class Proxy:
         """Wait until no session is open and at least ``finished`` sessions
         have ended since start (the graceful drain; tests)."""
         while self.active_sessions or self.finished_sessions < finished:
-            await self._session_ended.wait()
+            await self.next_session_end()
+
+    async def next_session_end(self) -> None:
+        """Wait until some session ends."""
+        await self._session_ended.wait()
 
     def reload_certificates(self) -> bool:
         """Reload every listener's certificate and key (SIGHUP). A listener

@@ -10,6 +10,7 @@ side: no engine, no per-line work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import time
@@ -356,16 +357,13 @@ async def _send_close_notify(stream: trio.SSLStream) -> None:
     outgoing = getattr(stream, "_outgoing", None)
     if ssl_object is None or outgoing is None:
         return
-    try:
+    # unwrap() writes the alert, then raises while it waits for the peer's.
+    with contextlib.suppress(ssl.SSLError, ValueError):
         ssl_object.unwrap()
-    except (ssl.SSLWantReadError, ssl.SSLError, ValueError):
-        pass  # the alert is written before OpenSSL waits for the peer's
     data = outgoing.read()
     if data:
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
             await stream.transport_stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-            pass
 
 
 async def _receive(stream: trio.abc.ReceiveStream, size: int) -> bytes:
