@@ -49,6 +49,38 @@ async def test_tcp_offload_relays_raw_both_ways(nursery, certs, client_ctx):
     assert sample(m.bytes, listener="tcp", direction="client_to_backend") == len(payload)
 
 
+async def test_tcp_offload_upstream_many_small_records_then_close_notify(nursery, certs, client_ctx):
+    """The relay gathers every record already decryptable into one send: many
+    small records of odd sizes, ending with close_notify right behind the
+    last one, must all reach the backend, in order, before its EOF."""
+    received = bytearray()
+    done = trio.Event()
+
+    async def sink(stream: trio.SocketStream) -> None:
+        async with stream:
+            async for data in stream:
+                received.extend(data)
+        done.set()
+
+    port = (await nursery.start(trio.serve_tcp, sink, 0))[0].socket.getsockname()[1]
+    proxy = await start_proxy(nursery, listener("tcp", "tcp", "implicit", port, certs))
+    client = await WireClient.connect(port_of(proxy, "tcp"), tls=client_ctx)
+    payload = os.urandom(3 * 1024 * 1024)
+    sizes = [1, 7, 300, 16384, 16385, 1000, 40000, 5]
+    offset = i = 0
+    while offset < len(payload):  # one send_all = one or more TLS records
+        size = sizes[i % len(sizes)]
+        await client.stream.send_all(payload[offset:offset + size])
+        offset += size
+        i += 1
+    await client.stream.aclose()  # close_notify right behind the data
+    with trio.fail_after(30):
+        await done.wait()
+    assert bytes(received) == payload
+    await proxy.wait_idle(finished=1)
+    assert sample(proxy.metrics.bytes, listener="tcp", direction="client_to_backend") == len(payload)
+
+
 async def _one_shot_backend(nursery: trio.Nursery, script: list[bytes | None]) -> int:
     """A backend that plays ``script``: bytes are sent, None waits for one
     chunk from the proxy; then it closes."""

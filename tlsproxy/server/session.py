@@ -40,6 +40,7 @@ log = logging.getLogger("tlsproxy.session")
 
 RECEIVE_SIZE = 65536
 RAW_RECEIVE_SIZE = 262144
+TLS_RECORD_SIZE = 16384  # the most plaintext one TLS record carries
 OUTBOX_LIMIT = 262144  # bytes queued towards one side before the other waits
 GOODBYE_TIMEOUT = 5.0  # seconds to flush a last reply before closing
 CLOSE_NOTIFY_TIMEOUT = 1.0
@@ -287,10 +288,20 @@ class Session:
         await out.flush()
         sink = out.stream
         counter = self.metrics.to_backend if upstream else self.metrics.to_client
+        # trio's SSLStream returns one TLS record (<= 16 KiB) per receive_some;
+        # gather what is already decryptable so each send moves up to 256 KiB.
+        gather = isinstance(source, trio.SSLStream) and hasattr(source, "_ssl_object")
+        # A read of n bytes allocates n first: ask a TLS stream for one record's
+        # worth (above ~128 KiB, every allocation would be an mmap/munmap pair).
+        receive_size = TLS_RECORD_SIZE if gather else RAW_RECEIVE_SIZE
+        if gather and isinstance(source.transport_stream, ReplayStream):
+            source.transport_stream.receive_size = RAW_RECEIVE_SIZE  # ciphertext per socket read
         try:
             while data:
                 await sink.send_all(data)
-                data = await source.receive_some(RAW_RECEIVE_SIZE)
+                data = await source.receive_some(receive_size)
+                if gather and data:
+                    data = _gather_decrypted(source, data, RAW_RECEIVE_SIZE)
                 self._idle.deadline = trio.current_time() + self.limits.idle_timeout
                 counter.inc(len(data))
                 if upstream:
@@ -364,6 +375,28 @@ async def _send_close_notify(stream: trio.SSLStream) -> None:
     if data:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
             await stream.transport_stream.send_all(data)
+
+
+def _gather_decrypted(stream: trio.SSLStream, first: bytes, limit: int) -> bytes:
+    """``first`` plus the plaintext of every complete record the SSLStream
+    already holds, up to ``limit`` bytes, without awaiting. Reading the SSL
+    object directly is safe here: the relay is this stream's only reader, and
+    anything OpenSSL wants to write back (a KeyUpdate answer) stays in the
+    stream's outgoing buffer for its next operation. Errors (close_notify, a
+    bad record) are left for the next receive_some to report."""
+    ssl_object = stream._ssl_object
+    parts = [first]
+    size = len(first)
+    while size < limit:
+        try:
+            more = ssl_object.read(min(TLS_RECORD_SIZE, limit - size))
+        except ssl.SSLError:
+            break
+        if not more:
+            break
+        parts.append(more)
+        size += len(more)
+    return first if len(parts) == 1 else b"".join(parts)
 
 
 async def _receive(stream: trio.abc.ReceiveStream, size: int) -> bytes:
