@@ -26,6 +26,7 @@ class CertificateError(Exception):
 class CertInfo:
     subject: str
     not_after: dt.datetime
+    names: tuple[str, ...] = ()  # DNS names of the SAN, lower case, as SNI matches them
 
 
 def load_chain(cert_path: Path) -> list[x509.Certificate]:
@@ -59,7 +60,45 @@ def check_pair(cert_path: Path, key_path: Path) -> CertInfo:
     ):
         raise CertificateError(f"key 'key': {key_path} does not match the certificate in {cert_path}")
     leaf = chain[0]
-    return CertInfo(subject=leaf.subject.rfc4514_string(), not_after=leaf.not_valid_after_utc)
+    return CertInfo(
+        subject=leaf.subject.rfc4514_string(), not_after=leaf.not_valid_after_utc, names=_dns_names(leaf)
+    )
+
+
+def _dns_names(cert: x509.Certificate) -> tuple[str, ...]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(dict.fromkeys(name.lower() for name in san.get_values_for_type(x509.DNSName)))
+
+
+def sni_index(infos: list[CertInfo]) -> dict[str, int]:
+    """Server name (exact or ``*.domain``) -> index of the certificate that
+    serves it. Two certificates claiming one name is an error: which one a
+    client gets must not depend on file order."""
+    index: dict[str, int] = {}
+    for i, info in enumerate(infos):
+        if not info.names:
+            raise CertificateError(f"tls.certificates[{i}]: no DNS name in the SAN to select it by")
+        for name in info.names:
+            if name in index:
+                first = f"tls.certificates[{index[name]}]"
+                raise CertificateError(f"tls.certificates[{i}]: {name!r} is already served by {first}")
+            index[name] = i
+    return index
+
+
+def load_ca_file(path: Path) -> None:
+    """Check that a CA bundle (client_ca) holds at least one PEM certificate."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CertificateError(f"key 'client_ca': cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise CertificateError(f"key 'client_ca': {path} holds no PEM certificate") from None
 
 
 # ---------------------------------------------------------------- generation
@@ -98,14 +137,16 @@ def _san(hostname: str) -> x509.GeneralName:
 
 
 def generate(
-    out_dir: Path, hostname: str | list[str], key_type: str = "ecdsa", days: int = 365
+    out_dir: Path, hostname: str | list[str], key_type: str = "ecdsa", days: int = 365, usage: str = "server"
 ) -> GeneratedFiles:
     """Write a private CA and a leaf for ``hostname`` (one name or several:
     the first is the subject CN, all go in the SAN) signed by it:
     ``cert.pem`` (leaf + CA), ``key.pem`` (leaf key, 0600), ``ca.pem``,
-    ``ca-key.pem`` (0600)."""
+    ``ca-key.pem`` (0600). ``usage="client"`` makes a client certificate
+    (extended key usage clientAuth) for mTLS."""
     if not 1 <= days <= MAX_LEAF_DAYS:
         raise ValueError(f"days must be 1-{MAX_LEAF_DAYS}")
+    eku = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}[usage]
     names = [hostname] if isinstance(hostname, str) else list(hostname)
     hostname = names[0]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +186,7 @@ def generate(
             # sign; keyEncipherment is kept for old clients that insist on it.
             x509.KeyUsage(True, False, is_rsa, False, False, False, False, False, False), critical=True
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
         .add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(leaf_key.public_key()), critical=False)
         .add_extension(

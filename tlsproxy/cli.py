@@ -1,4 +1,4 @@
-"""Command line: run, check-config, gen-cert, demo."""
+"""Command line: run, check-config, gen-cert, demo, probe, hash-password."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import trio
 
-from . import __version__
-from .config import ConfigError, load
+from . import __version__, logsetup
+from .config import ConfigError, idle_timeout_warnings, load
 
 EXIT_CONFIG = 2
 ABORT_GOODBYE_SECONDS = 1.0  # after a second signal, at most this long to say goodbye
@@ -22,7 +22,10 @@ log = logging.getLogger("tlsproxy")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tlsproxy", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tlsproxy {__version__}")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"],
+        help="overrides [logging] level (default: the config's, else info)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the proxy until SIGTERM/SIGINT; SIGHUP reloads certificates")
@@ -34,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", required=True, type=Path)
     p.add_argument("--key-type", choices=["ecdsa", "rsa"], default="ecdsa")
     p.add_argument("--days", type=int, default=365, help="leaf validity, at most 366")
+    sub.add_parser(
+        "hash-password",
+        help="print a salted hash for [metrics] auth_password_hash (prompts twice, or reads stdin)",
+    )
     p = sub.add_parser("demo", help="a legacy SMTP server with tlsproxy in front, on localhost")
     p.add_argument(
         "--port", type=int, default=2587,
@@ -45,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     probe.add_arguments(p)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logsetup.configure("text", args.log_level or "info")
     if args.command == "gen-cert":
         return _gen_cert(args)
+    if args.command == "hash-password":
+        return _hash_password()
     if args.command == "probe":
         return probe.run(args)
     if args.command == "demo":
@@ -63,10 +70,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "check-config":
         for lst in config.listeners:
-            print(f"{lst.name}: {lst.protocol} {lst.mode} {lst.listen} -> {lst.backend}"
+            backend = lst.backend or "original destination"
+            print(f"{lst.name}: {lst.protocol} {lst.mode} {lst.listen} -> {backend}"
                   f"{' require_tls' if lst.require_tls else ''}")
+            from .server.transparent import capability_note
+
+            if note := capability_note(lst):
+                print(f"  {lst.name}: {note}")
+        for warning in idle_timeout_warnings(config):
+            print(f"warning: {warning}")
         print("config OK")
         return 0
+    logsetup.configure(config.logging.format, args.log_level or config.logging.level)
+    for warning in idle_timeout_warnings(config):
+        log.warning("%s", warning)
     return trio.run(serve, config)
 
 
@@ -82,6 +99,26 @@ def _gen_cert(args: argparse.Namespace) -> int:
         print(f"tlsproxy: cannot write to {args.out_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     print(f"wrote {files.cert} (leaf + CA), {files.key} (0600), {files.ca_cert} (trust this one)")
+    return 0
+
+
+def _hash_password() -> int:
+    """Prompt twice on a terminal; otherwise read one line from stdin (scripts)."""
+    import getpass
+
+    from .passwords import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("tlsproxy: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("tlsproxy: empty password", file=sys.stderr)
+        return 1
+    print(hash_password(password))
     return 0
 
 

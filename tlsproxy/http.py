@@ -1,5 +1,7 @@
 """The observability endpoint: a tiny HTTP/1.1 server on trio (no threads).
 
+    GET /          the status page (status_page.py): HTML, no external assets
+    GET /status.json  the same figures for scripts (status.py, docs/status.md)
     GET /metrics   Prometheus text format (OpenMetrics if the scraper asks)
     GET /healthz   200 "ok" while the process runs its event loop
     GET /readyz    200 once the listeners are bound and the certificates
@@ -11,16 +13,33 @@ request head is at most ``MAX_HEAD`` bytes and must arrive within
 ``READ_TIMEOUT`` seconds, a response must be taken within ``WRITE_TIMEOUT``,
 and at most ``MAX_CONNECTIONS`` are served at once: a slow or hostile client
 cannot pin the endpoint or the proxy's event loop.
+
+With ``[metrics] auth_user`` and ``auth_password_hash`` set, /, /status.json
+and /metrics need HTTP basic auth (401 otherwise, counted); /healthz and
+/readyz never do, so that orchestrators' probes need no secret. The scrypt
+check runs in a worker thread, one at a time, so that wrong passwords cannot
+stall the event loop; the last accepted credentials are remembered (as a
+SHA-256) so a scraper with the right password costs one scrypt, not one per
+scrape.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
+import json
 import logging
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import trio
 from prometheus_client.exposition import choose_encoder
+
+from .passwords import parse_password_hash
+from .status import History, collect_status
+from .status_page import CONTENT_SECURITY_POLICY, JSON_CONTENT_SECURITY_POLICY, render
 
 if TYPE_CHECKING:
     from .server.proxy import Proxy
@@ -37,6 +56,7 @@ MAX_CONNECTIONS = 64
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
@@ -45,6 +65,10 @@ _REASONS = {
     505: "HTTP Version Not Supported",
 }
 _TEXT = "text/plain; charset=utf-8"
+_HTML = "text/html; charset=utf-8"
+_JSON = "application/json"
+_PUBLIC = ("/healthz", "/readyz")  # never behind auth: liveness/readiness probes
+_CHALLENGE = {"WWW-Authenticate": 'Basic realm="tlsproxy", charset="UTF-8"'}
 
 
 class _Request:
@@ -54,6 +78,48 @@ class _Request:
         self.method = method
         self.path = path
         self.headers = headers
+
+
+class BasicAuth:
+    """Checks ``Authorization: Basic`` headers against one user and a salted
+    scrypt hash, in constant time."""
+
+    def __init__(self, user: str, password_hash: str) -> None:
+        self._user = user.encode("utf-8")
+        self._hash = parse_password_hash(password_hash)
+        self._limiter = trio.CapacityLimiter(1)
+        self._accepted: bytes | None = None  # SHA-256 of the last header that passed
+
+    async def refusal(self, header: str | None) -> str | None:
+        """None if the credentials are right, else the reason label."""
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() != "basic" or not token.strip():
+            return "missing"
+        fingerprint = hashlib.sha256(token.strip().encode("latin-1")).digest()
+        if self._accepted is not None and hmac.compare_digest(fingerprint, self._accepted):
+            return None
+        try:
+            user, sep, password = base64.b64decode(token.strip(), validate=True).partition(b":")
+            password_text = password.decode("utf-8")
+        except (binascii.Error, ValueError):
+            return "wrong"
+        user_ok = hmac.compare_digest(user, self._user)
+        # Always run scrypt, whatever the user name, so timing does not tell.
+        password_ok = await trio.to_thread.run_sync(self._hash.matches, password_text, limiter=self._limiter)
+        if user_ok and password_ok and sep:
+            self._accepted = fingerprint
+            return None
+        return "wrong"
+
+
+class _Site:
+    """What the handlers need: the proxy, the status history, the auth check."""
+
+    def __init__(self, proxy: "Proxy") -> None:
+        self.proxy = proxy
+        self.history = History(proxy.metrics.registry, [lst.name for lst in proxy.listeners])
+        cfg = proxy.config.metrics
+        self.auth = BasicAuth(cfg.auth_user, cfg.auth_password_hash) if cfg.auth_user else None
 
 
 class _BadRequest(Exception):
@@ -91,10 +157,12 @@ async def serve_http(
     proxy.http_port = ports[0]
     log.info("metrics: http on %s port %s", proxy.config.metrics.listen, ",".join(map(str, ports)))
     limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
+    site = _Site(proxy)
     try:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(site.history.run)
             for lst in listeners:
-                nursery.start_soon(_accept_loop, proxy, lst, limiter, nursery)
+                nursery.start_soon(_accept_loop, site, lst, limiter, nursery)
             task_status.started(ports[0])
     finally:
         for lst in listeners:
@@ -102,7 +170,7 @@ async def serve_http(
 
 
 async def _accept_loop(
-    proxy: "Proxy", lst: trio.SocketListener, limiter: trio.CapacityLimiter, nursery: trio.Nursery
+    site: _Site, lst: trio.SocketListener, limiter: trio.CapacityLimiter, nursery: trio.Nursery
 ) -> None:
     while True:
         try:
@@ -116,7 +184,7 @@ async def _accept_loop(
         except trio.WouldBlock:
             nursery.start_soon(_overloaded, stream)
             continue
-        nursery.start_soon(_handle, proxy, stream, limiter)
+        nursery.start_soon(_handle, site, stream, limiter)
 
 
 async def _overloaded(stream: trio.SocketStream) -> None:
@@ -128,7 +196,7 @@ async def _overloaded(stream: trio.SocketStream) -> None:
     await trio.aclose_forcefully(stream)
 
 
-async def _handle(proxy: "Proxy", stream: trio.SocketStream, limiter: trio.CapacityLimiter) -> None:
+async def _handle(site: _Site, stream: trio.SocketStream, limiter: trio.CapacityLimiter) -> None:
     try:
         try:
             status, body, ctype, extra, head_only = 408, b"request timeout\n", _TEXT, {}, False
@@ -140,7 +208,7 @@ async def _handle(proxy: "Proxy", stream: trio.SocketStream, limiter: trio.Capac
                 else:
                     if request is None:  # closed before a complete request
                         return
-                    status, body, ctype, extra = _route(proxy, request)
+                    status, body, ctype, extra = await _route(site, request)
                     head_only = request.method == "HEAD"
             with trio.move_on_after(WRITE_TIMEOUT):
                 await stream.send_all(_response(status, body, ctype, head_only, extra))
@@ -187,9 +255,21 @@ def _parse(head: bytes) -> _Request:
     return _Request(method, urlsplit(target).path, headers)  # origin- or absolute-form
 
 
-def _route(proxy: "Proxy", request: _Request) -> tuple[int, bytes, str, dict[str, str]]:
+async def _route(site: _Site, request: _Request) -> tuple[int, bytes, str, dict[str, str]]:
+    proxy = site.proxy
     if request.method not in ("GET", "HEAD"):
         return 405, b"method not allowed\n", _TEXT, {"Allow": "GET, HEAD"}
+    if site.auth is not None and request.path not in _PUBLIC:
+        reason = await site.auth.refusal(request.headers.get("authorization"))
+        if reason is not None:
+            proxy.metrics.http_auth_refusals.labels(reason).inc()
+            return 401, b"authentication required\n", _TEXT, _CHALLENGE
+    if request.path == "/":
+        page = render(collect_status(proxy, site.history)).encode("utf-8")
+        return 200, page, _HTML, {"Content-Security-Policy": CONTENT_SECURITY_POLICY}
+    if request.path == "/status.json":
+        data = json.dumps(collect_status(proxy, site.history), indent=1).encode("utf-8") + b"\n"
+        return 200, data, _JSON, {"Content-Security-Policy": JSON_CONTENT_SECURITY_POLICY}
     if request.path == "/metrics":
         encoder, ctype = choose_encoder(request.headers.get("accept"))
         return 200, encoder(proxy.metrics.registry), ctype, {}
@@ -210,6 +290,8 @@ def _response(
         "Content-Length": str(len(body)),
         "Cache-Control": "no-store",
         "Connection": "close",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
         **(extra or {}),
     }
     head = f"HTTP/1.1 {status} {_REASONS[status]}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())

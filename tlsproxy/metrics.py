@@ -20,9 +20,14 @@ HANDSHAKE_FAILURE_REASONS = (
     "bad_client_hello",
     "client_closed",
     "certificate_rejected",
+    "client_certificate",  # mTLS: the client sent no certificate, or one we do not trust
     "injection",
     "other",
 )
+
+# tlsproxy_refused_connections_total{reason} for the connection limits:
+# the listener's max_connections, [server] max_connections, max_connections_per_ip.
+CONNECTION_LIMIT_REASONS = ("overloaded", "global_limit", "per_ip_limit")
 
 
 class Metrics:
@@ -80,6 +85,12 @@ class Metrics:
             ["listener"],
             registry=r,
         )
+        self.sni_certificate_expiry = Gauge(
+            "tlsproxy_sni_certificate_expiry_timestamp_seconds",
+            "Expiry (notAfter) of each certificate a listener selects by SNI, by its first SAN name.",
+            ["listener", "name"],
+            registry=r,
+        )
         self.injection_blocked = Counter(
             "tlsproxy_starttls_injection_blocked",
             "Sessions closed because plaintext followed STARTTLS (CVE-2011-0411 class).",
@@ -106,8 +117,30 @@ class Metrics:
         )
         self.refused_connections = Counter(
             "tlsproxy_refused_connections",
-            "Connections refused before any proxying (connection limit, shutdown).",
+            "Connections refused before any proxying (connection limit, shutdown, "
+            "proxy_protocol: untrusted source or no valid PROXY header).",
             ["listener", "reason"],
+            registry=r,
+        )
+        self.backend_last_connect = Gauge(
+            "tlsproxy_backend_last_connect_timestamp_seconds",
+            "When a connection to the backend last succeeded or failed, Unix time (0: never).",
+            ["listener", "result"],
+            registry=r,
+        )
+        self.http_auth_refusals = Counter(
+            "tlsproxy_http_auth_refusals",
+            "Requests to the metrics endpoint refused for missing or wrong basic-auth credentials.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("missing", "wrong"):
+            self.http_auth_refusals.labels(reason)
+        self.smuggling_blocked = Counter(
+            "tlsproxy_smuggling_blocked",
+            "Bare CR/LF from SMTP clients (smuggling guard), by action: normalize (DATA "
+            "made CRLF, once per message) or reject (521, session closed).",
+            ["listener", "action"],
             registry=r,
         )
 
@@ -131,14 +164,21 @@ class ListenerMetrics:
         self.to_client = m.bytes.labels(name, "backend_to_client")
         self.backend_connect_failures = m.backend_connect_failures.labels(name)
         self.certificate_expiry = m.certificate_expiry.labels(name)
+        self._sni_names: set[str] = set()
         self.injection_blocked = m.injection_blocked.labels(name)
         self.plaintext_refused = m.plaintext_refused.labels(name)
+        self.backend_connected_at = m.backend_last_connect.labels(name, "success")
+        self.backend_failed_at = m.backend_last_connect.labels(name, "failure")
         # Make the fixed label sets visible at zero from the first scrape, so
         # rate() and absent() behave before the first event.
         for reason in HANDSHAKE_FAILURE_REASONS:
             m.handshake_failures.labels(name, reason)
         for result in ("success", "failure"):
             m.certificate_reloads.labels(name, result)
+        for reason in CONNECTION_LIMIT_REASONS:
+            m.refused_connections.labels(name, reason)
+        for action in ("normalize", "reject"):
+            m.smuggling_blocked.labels(name, action)
 
     def handshake_failed(self, reason: str) -> None:
         self._m.handshake_failures.labels(self.name, reason).inc()
@@ -150,8 +190,20 @@ class ListenerMetrics:
     def closed(self, reason: str) -> None:
         self._m.closes.labels(self.name, reason).inc()
 
+    def sni_certificates_expire(self, expiry: dict[str, float]) -> None:
+        """Set the SNI certificates' expiry; names no longer served lose their series."""
+        gauge = self._m.sni_certificate_expiry
+        for gone in self._sni_names - expiry.keys():
+            gauge.remove(self.name, gone)
+        for name, timestamp in expiry.items():
+            gauge.labels(self.name, name).set(timestamp)
+        self._sni_names = set(expiry)
+
     def certificate_reload(self, result: str) -> None:
         self._m.certificate_reloads.labels(self.name, result).inc()
 
     def refused(self, reason: str) -> None:
         self._m.refused_connections.labels(self.name, reason).inc()
+
+    def smuggling_blocked(self, action: str) -> None:
+        self._m.smuggling_blocked.labels(self.name, action).inc()

@@ -6,6 +6,9 @@ reached by bounded polling), never by sleeping."""
 
 from __future__ import annotations
 
+import json
+import smtplib
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +22,7 @@ from tests.conftest import closed_port, listener, port_of
 from tests.helpers import WireClient
 from tlsproxy.config import Address, Config, MetricsConfig
 from tlsproxy.http import serve_http
+from tlsproxy.passwords import hash_password
 from tlsproxy.server.proxy import Proxy
 
 
@@ -197,7 +201,7 @@ async def test_metrics_stay_up_during_the_graceful_drain_and_stop_after(smtp_bac
 
 async def test_unknown_path_is_404(nursery, smtp_backend, certs):
     proxy = await start(nursery, listener("sub", "smtp", "starttls", smtp_backend.port, certs))
-    for path in ("/", "/metricsx", "/metrics/", "/favicon.ico"):
+    for path in ("/index.html", "/status", "/metricsx", "/metrics/", "/favicon.ico"):
         status, _, body = await get(proxy.http_port, path)
         assert (status, body) == (404, b"not found\n"), path
 
@@ -319,3 +323,151 @@ async def test_metrics_port_in_use_is_a_plain_oserror_naming_the_address(certs, 
     for lst in proxy.listeners:
         for sock in lst.sockets:
             await sock.aclose()
+
+
+# ---------------------------------------------------------------- status page and JSON
+
+
+def _smtplib_sessions(sub_port: int, smtps_port: int, ctx: ssl.SSLContext) -> set[tuple[str, str]]:
+    """Blocking (run in a thread): two STARTTLS sessions and a plaintext one
+    refused by require_tls on "sub", one implicit TLS session on "smtps".
+    Returns the (version, cipher) pairs the clients negotiated."""
+    seen = set()
+    for _ in range(2):
+        with smtplib.SMTP("127.0.0.1", sub_port, timeout=10) as smtp:
+            smtp.ehlo()
+            smtp.starttls(context=ctx)
+            assert smtp.ehlo()[0] == 250
+            seen.add((smtp.sock.version(), smtp.sock.cipher()[0]))
+    with smtplib.SMTP("127.0.0.1", sub_port, timeout=10) as smtp:
+        smtp.ehlo()
+        assert smtp.mail("a@example.com")[0] == 530  # require_tls: refused by the proxy
+    with smtplib.SMTP_SSL("127.0.0.1", smtps_port, context=ctx, timeout=10) as smtp:
+        assert smtp.ehlo()[0] == 250
+        seen.add((smtp.sock.version(), smtp.sock.cipher()[0]))
+    return seen
+
+
+async def known_mix(proxy: Proxy, ctx: ssl.SSLContext) -> set[tuple[str, str]]:
+    """The mix the status tests check: on "sub" (STARTTLS, require_tls) two
+    encrypted sessions, one plaintext session with a refused MAIL and one
+    STARTTLS injection attempt; on "smtps" (implicit) one session. Returns
+    when all five have ended (the proxy's own count, no timers)."""
+    seen = await trio.to_thread.run_sync(
+        _smtplib_sessions, port_of(proxy, "sub"), port_of(proxy, "smtps"), ctx
+    )
+    client = await WireClient.connect(port_of(proxy, "sub"))
+    assert (await client.smtp_reply()).startswith(b"220 ")
+    await client.send(b"STARTTLS\r\nRSET\r\n")  # plaintext riding behind STARTTLS
+    await client.rest()
+    await client.aclose()
+    with trio.fail_after(30):
+        await proxy.wait_idle(finished=5)
+    return seen
+
+
+def status_listeners(proxy_port_backend: int, certs) -> tuple:
+    return (
+        listener("sub", "smtp", "starttls", proxy_port_backend, certs, require_tls=True),
+        listener("smtps", "smtp", "implicit", proxy_port_backend, certs),
+    )
+
+
+async def test_status_json_after_a_known_mix(nursery, smtp_backend, certs, client_ctx):
+    proxy = await start(nursery, *status_listeners(smtp_backend.port, certs))
+    seen = await known_mix(proxy, client_ctx)
+    assert len(seen) == 1  # one version/cipher pair on this machine; read from the clients
+    (version, cipher), = seen
+    status, headers, body = await get(proxy.http_port, "/status.json")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    data = json.loads(body)
+    sub, smtps = data["listeners"]
+    assert (sub["name"], sub["protocol"], sub["mode"], sub["require_tls"]) == ("sub", "smtp", "starttls", True)
+    assert sub["bound_ports"] == [port_of(proxy, "sub")]
+    assert sub["backend"] == f"127.0.0.1:{smtp_backend.port}"
+    assert sub["active_sessions"] == 0 and sub["connections_total"] == 4
+    assert sub["sessions"] == {"encrypted": 2, "plaintext": 2, "last_5m_encrypted": 2, "last_5m_plaintext": 2}
+    assert sub["encryption_rate"] == {"since_start": 0.5, "last_5m": 0.5}
+    hs = sub["handshake_seconds_last_5m"]
+    assert hs["count"] == 2 and 0 < hs["p50"] <= hs["p95"] <= hs["p99"] <= 10
+    assert sub["tls"] == [{"version": version, "cipher": cipher, "sessions": 2}]
+    assert sub["plaintext_refused"] == 1 and sub["injection_blocked"] == 1
+    # quit or backend_closed, depending on who hangs up first after QUIT.
+    assert sum(sub["closes"].values()) == 4 and sub["closes"]["injection"] == 1
+    assert set(sub["handshake_failures"].values()) == {0}
+    assert sub["backend_state"]["last_result"] == "success"
+    assert sub["certificate"]["subject"] == "CN=localhost" and sub["certificate"]["expiry_warning"] is False
+    assert smtps["mode"] == "implicit" and smtps["connections_total"] == 1
+    assert smtps["encryption_rate"] == {"since_start": 1.0, "last_5m": 1.0}
+    assert smtps["tls"] == [{"version": version, "cipher": cipher, "sessions": 1}]
+    assert smtps["plaintext_refused"] == 0 and smtps["injection_blocked"] == 0
+    # One source of truth: the same numbers as /metrics serves.
+    _, _, metrics_body = await get(proxy.http_port, "/metrics")
+    served = {
+        (s.name, s.labels.get("listener")): s.value
+        for f in text_string_to_metric_families(metrics_body.decode()) for s in f.samples
+    }
+    for lst in (sub, smtps):
+        assert lst["connections_total"] == served[("tlsproxy_connections_total", lst["name"])]
+        assert lst["injection_blocked"] == served[("tlsproxy_starttls_injection_blocked_total", lst["name"])]
+    # Nothing about clients: no client address or port appears anywhere.
+    assert b'"peer' not in body and b"client_address" not in body
+
+
+async def test_status_page_headers_and_head(nursery, smtp_backend, certs):
+    proxy = await start(nursery, *status_listeners(smtp_backend.port, certs))
+    status, headers, body = await get(proxy.http_port, "/")
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    csp = headers["Content-Security-Policy"]
+    assert csp.startswith("default-src 'none'; ") and "frame-ancestors 'none'" in csp
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert body.startswith(b"<!DOCTYPE html>") and b'data-listener="smtps"' in body
+    reply = await raw(proxy.http_port, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and rest == b""
+
+
+# ---------------------------------------------------------------- basic auth
+
+
+async def curl(port: int, path: str, *args: str) -> tuple[int, dict[str, str], bytes]:
+    result = await trio.run_process(
+        ["curl", "-s", "-i", "--max-time", "20", *args, f"http://127.0.0.1:{port}{path}"],
+        capture_stdout=True, capture_stderr=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    head, _, body = result.stdout.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+async def test_basic_auth_guards_status_and_metrics_but_not_probes(nursery, smtp_backend, certs):
+    proxy = Proxy(
+        Config(
+            listeners=status_listeners(smtp_backend.port, certs),
+            metrics=MetricsConfig(
+                listen=Address("127.0.0.1", 0), auth_user="ops",
+                auth_password_hash=str(hash_password("pa ss:word")),
+            ),
+        )
+    )
+    await nursery.start(proxy.run)
+    port = proxy.http_port
+    for path in ("/", "/status.json", "/metrics"):
+        status, headers, body = await curl(port, path)
+        assert status == 401, path
+        assert headers["www-authenticate"].startswith('Basic realm="tlsproxy"')
+        assert b"tlsproxy_" not in body and b"<html" not in body
+        assert (await curl(port, path, "-u", "ops:wrong"))[0] == 401
+        assert (await curl(port, path, "-u", "admin:pa ss:word"))[0] == 401
+        assert (await curl(port, path, "-u", "ops:pa ss:word"))[0] == 200
+    for path in ("/healthz", "/readyz"):
+        assert (await curl(port, path))[0] == 200
+    m = proxy.metrics.http_auth_refusals
+    assert m.labels("missing")._value.get() == 3
+    assert m.labels("wrong")._value.get() == 6
+    _, _, body = await curl(port, "/status.json", "-u", "ops:pa ss:word")
+    assert json.loads(body)["http_auth_refusals"] == {"missing": 3, "wrong": 6}
+    assert b"pa ss" not in body and b"scrypt$" not in body  # no secrets on show

@@ -10,6 +10,8 @@ Maildirs) after the run; its path is printed at the end.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import itertools
 import os
 import shutil
@@ -185,3 +187,41 @@ async def interop_proxy(
         ),
     )
     return InteropProxy(proxy)
+
+
+# PROXY protocol: listeners that read a header from the test client (which
+# claims an address; loopback is trusted) and/or send one to the PROXY
+# protocol ports of Postfix (smtpd_upstream_proxy_protocol) and Dovecot
+# (haproxy = yes).
+PROXY_PROTOCOL_TRUSTED = "127.0.0.0/8"
+PROXY_PROTOCOL_LISTENERS = [
+    # (name, protocol, mode, header from the client, header to the backend, backend)
+    ("pp-smtp-starttls", "smtp", "starttls", True, "v1", "postfix-proxy"),
+    ("pp-smtp-implicit", "smtp", "implicit", True, "v2", "postfix-proxy"),
+    ("pp-smtp-outbound-only", "smtp", "starttls", False, "v2", "postfix-proxy"),
+    ("pp-imap-starttls", "imap", "starttls", True, "v2", "imap-proxy"),
+    ("pp-imap-implicit", "imap", "implicit", True, "v1", "imap-proxy"),
+    ("pp-pop3-starttls", "pop3", "starttls", True, "v1", "pop3-proxy"),
+]
+
+
+@pytest.fixture
+async def proxy_protocol_proxy(
+    nursery: trio.Nursery, certs: GeneratedFiles, dovecot: Dovecot, postfix: Postfix
+) -> InteropProxy:
+    backends = {
+        "postfix-proxy": postfix.proxy_port,
+        "imap-proxy": dovecot.imap_haproxy_port,
+        "pop3-proxy": dovecot.pop3_haproxy_port,
+    }
+    trusted = (ipaddress.ip_network(PROXY_PROTOCOL_TRUSTED),)
+    configs = [
+        dataclasses.replace(
+            listener(name, protocol, mode, backends[backend], certs, idle_timeout=IDLE_TIMEOUT),
+            proxy_protocol=inbound,
+            proxy_trusted_networks=trusted if inbound else (),
+            backend_proxy_protocol=outbound,
+        )
+        for name, protocol, mode, inbound, outbound, backend in PROXY_PROTOCOL_LISTENERS
+    ]
+    return InteropProxy(await start_proxy(nursery, *configs))

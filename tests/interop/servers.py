@@ -220,8 +220,12 @@ class Dovecot:
     root: Path
     imap_port: int = field(default_factory=free_port)
     pop3_port: int = field(default_factory=free_port)
+    # Listeners that expect a PROXY protocol header (v1 or v2) from 127.0.0.1
+    # first: Dovecot then logs the header's source as rip=/rport=.
+    imap_haproxy_port: int = field(default_factory=free_port)
+    pop3_haproxy_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
-    port_fields = ("imap_port", "pop3_port")
+    port_fields = ("imap_port", "pop3_port", "imap_haproxy_port", "pop3_haproxy_port")
 
     @property
     def conf(self) -> Path:
@@ -296,6 +300,7 @@ mail_gid = {MAIL_USER}
 mail_location = maildir:{r}/mail/%u
 # The remote port makes each connection's lines findable (the proxy's backend port).
 login_log_format_elements = {LOGIN_LOG_FORMAT_ELEMENTS}
+haproxy_trusted_networks = 127.0.0.1
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {self.passwd_file}
@@ -309,6 +314,11 @@ service imap-login {{
     address = 127.0.0.1
     port = {self.imap_port}
   }}
+  inet_listener imap_haproxy {{
+    address = 127.0.0.1
+    port = {self.imap_haproxy_port}
+    haproxy = yes
+  }}
   inet_listener imaps {{
     port = 0
   }}
@@ -317,6 +327,11 @@ service pop3-login {{
   inet_listener pop3 {{
     address = 127.0.0.1
     port = {self.pop3_port}
+  }}
+  inet_listener pop3_haproxy {{
+    address = 127.0.0.1
+    port = {self.pop3_haproxy_port}
+    haproxy = yes
   }}
   inet_listener pop3s {{
     port = 0
@@ -375,6 +390,13 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 # Mail for any rcpt+TAG@example.com lands in example.com/rcpt/ (the tag is
 # an address extension); tests find their message by its X-Original-To.
 MAIL_DOMAIN = "example.com"
+
+# The PROXY protocol smtpd service: its own syslog name (lines are easy to
+# find), and no reverse lookup of the documentation addresses the tests claim.
+PROXY_PROTOCOL_SMTPD = (
+    "-o syslog_name=postfix-interop/proxied -o smtpd_upstream_proxy_protocol=haproxy "
+    "-o smtpd_peername_lookup=no"
+)
 MAILBOX = "rcpt"
 
 
@@ -396,8 +418,11 @@ class Postfix:
     tls_key: Path
     port: int = field(default_factory=free_port)
     tls_port: int = field(default_factory=free_port)
+    # smtpd_upstream_proxy_protocol = haproxy: a PROXY header (v1 or v2) comes
+    # first, and Postfix logs and polices the client it names.
+    proxy_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
-    port_fields = ("port", "tls_port")
+    port_fields = ("port", "tls_port", "proxy_port")
 
     @property
     def conf_dir(self) -> Path:
@@ -467,7 +492,8 @@ biff = no
         )
         (r / "conf" / "master.cf").write_text(
             f"127.0.0.1:{self.port} inet n - n - - smtpd\n"
-            f"127.0.0.1:{self.tls_port} inet n - n - - smtpd {tls}\n" + _MASTER_CF_SERVICES
+            f"127.0.0.1:{self.tls_port} inet n - n - - smtpd {tls}\n"
+            f"127.0.0.1:{self.proxy_port} inet n - n - - smtpd {PROXY_PROTOCOL_SMTPD}\n" + _MASTER_CF_SERVICES
         )
 
     def _postfix(self, *args: str) -> list[str]:

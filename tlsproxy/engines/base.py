@@ -64,7 +64,18 @@ Action = Union[ToClient, ToBackend, StartTls, Passthrough, Note, Close]
 INJECTION_BLOCKED = "injection_blocked"  # plaintext rode behind STARTTLS/STLS
 PLAINTEXT_REFUSED = "plaintext_refused"  # require_tls refused a command before TLS
 BACKEND_STARTTLS_HIDDEN = "backend_starttls_hidden"  # backend offered its own
-NOTE_KINDS = frozenset({INJECTION_BLOCKED, PLAINTEXT_REFUSED, BACKEND_STARTTLS_HIDDEN})
+# SMTP smuggling guard (smtp_bare_newline): a message held a bare CR or LF.
+BARE_NEWLINE_NORMALIZED = "bare_newline_normalized"  # made CRLF, once per message
+BARE_NEWLINE_REJECTED = "bare_newline_rejected"  # 521, session closed
+NOTE_KINDS = frozenset(
+    {
+        INJECTION_BLOCKED,
+        PLAINTEXT_REFUSED,
+        BACKEND_STARTTLS_HIDDEN,
+        BARE_NEWLINE_NORMALIZED,
+        BARE_NEWLINE_REJECTED,
+    }
+)
 
 # Close reasons. The first group can also be passed to ``engine.abort`` by the
 # shell, which detected them itself (timeouts, connect failures, shutdown).
@@ -75,6 +86,7 @@ CLOSE_REASONS = frozenset(
         "idle_timeout",  # client silent for too long
         "shutdown",  # proxy stopping, grace period over
         "overloaded",  # connection limit reached
+        "command_timeout",  # a command line took longer than command_timeout
         "client_closed",
         "backend_closed",
         "line_too_long",
@@ -84,6 +96,7 @@ CLOSE_REASONS = frozenset(
         "preauth_refused",
         "quit",
         "tls_failed",  # the client's TLS handshake failed (shell only)
+        "bare_newline",  # SMTP DATA held a bare CR/LF under smtp_bare_newline = "reject"
     }
 )
 
@@ -106,6 +119,10 @@ class EnginePolicy:
     # Longest multi-line reply assembled before forwarding (EHLO, CAPA, greeting).
     max_reply_bytes: int = 65536
     server_name: str = "tlsproxy"
+    # SMTP DATA with a bare CR or LF: "normalize", "reject" or "allow" (bytes
+    # as they came). "allow" here keeps the engine's own default at the old
+    # behaviour; the listener configuration's default is "normalize".
+    bare_newline: str = "allow"
 
 
 # ---------------------------------------------------------------- lines
@@ -136,6 +153,12 @@ class LineBuffer:
 
     def __len__(self) -> int:
         return len(self._buf)
+
+    @property
+    def partial_line(self) -> bool:
+        """Bytes are buffered and no complete line is among them: a line has
+        begun and its CRLF has not arrived (engines' ``partial_line``)."""
+        return bool(self._buf) and self._buf.find(b"\r\n", self._scan_from) < 0
 
     def next_line(self) -> bytes | None:
         """The next complete line with its CRLF, or None if none is complete."""
@@ -186,6 +209,11 @@ def first_word(line: bytes) -> tuple[bytes, bytes]:
 
 
 # ---------------------------------------------------------------- ordering
+
+# Replies an engine may owe for pipelined commands. Beyond this a client is
+# flooding, not pipelining: the engine reads no more of its commands (SMTP) or
+# closes (IMAP, POP3), so the reply queue stays bounded.
+MAX_PIPELINED = 1024
 
 
 class ReplyQueue:
@@ -284,4 +312,10 @@ class Engine(Protocol):
     def abort(self, reason: str) -> list[Action]:
         """The shell ends the session (``reason`` in CLOSE_REASONS): return the
         protocol's goodbye (SMTP 421, IMAP * BYE, POP3 -ERR) and Close."""
+        ...
+
+    @property
+    def partial_line(self) -> bool:
+        """True while the client's next command line has begun but its CRLF has
+        not arrived (the shell's command_timeout runs only then)."""
         ...

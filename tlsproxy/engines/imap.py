@@ -25,6 +25,7 @@ from enum import Enum, auto
 from .base import (
     BACKEND_STARTTLS_HIDDEN,
     INJECTION_BLOCKED,
+    MAX_PIPELINED,
     PLAINTEXT_REFUSED,
     Action,
     Close,
@@ -179,6 +180,13 @@ class ImapEngine:
         max(max_line_length, max_held_bytes); literals are streamed, not held."""
         return len(self._cbuf) + len(self._bbuf)
 
+    @property
+    def partial_line(self) -> bool:
+        """A client line has begun without its CRLF (the shell's command
+        timeout). Literals are not lines; held bytes wait for the backend."""
+        lines = (_Client.COMMAND, _Client.IDLE, _Client.AUTH_LINE)
+        return self._phase is _Phase.READY and self._client in lines and self._cbuf.partial_line
+
     # ------------------------------------------------------------ interface
 
     def start(self, tls: bool) -> list[Action]:
@@ -282,6 +290,8 @@ class ImapEngine:
         return self._continue_command(line)
 
     def _new_command(self, line: bytes) -> list[Action]:
+        if len(self._replies) >= MAX_PIPELINED:
+            return self._bye_close(b"Too many commands in flight", "buffer_full")
         tag, _, rest = line[:-2].partition(b" ")
         verb, args = first_word(rest)
         lit = _literal_at_end(line)

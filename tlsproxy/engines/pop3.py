@@ -20,6 +20,7 @@ import enum
 from .base import (
     BACKEND_STARTTLS_HIDDEN,
     INJECTION_BLOCKED,
+    MAX_PIPELINED,
     PLAINTEXT_REFUSED,
     Action,
     Close,
@@ -43,8 +44,6 @@ _LOGIN = frozenset({b"USER", b"PASS", b"APOP", b"AUTH"})
 _MULTI_WITHOUT_ARG = frozenset({b"LIST", b"UIDL", b"AUTH", b"LANG"})
 _MULTI_ALWAYS = frozenset({b"RETR", b"TOP"})
 _END = b"\r\n.\r\n"  # the terminator, with the CRLF that ends the line before it
-# Replies the proxy has to hold for pipelined commands are bounded in number.
-MAX_PIPELINED = 1024
 
 _ABORT_REPLIES = {
     "backend_unavailable": b"-ERR Mail server unavailable, try again later\r\n",
@@ -94,6 +93,11 @@ class Pop3Engine:
         self._body_tail = b""  # last bytes of the streamed body, for a split terminator
         # Commands may be pipelined before the greeting: it is the first reply.
         self._replies.await_reply(lambda lines: [ToClient(lines[0])])
+
+    @property
+    def partial_line(self) -> bool:
+        """A client line has begun without its CRLF (the shell's command timeout)."""
+        return self._state in (_State.COMMANDS, _State.SASL_RESPONSE) and self._client.partial_line
 
     # ------------------------------------------------------------ interface
 

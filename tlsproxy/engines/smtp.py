@@ -2,8 +2,16 @@
 
 The proxy answers STARTTLS itself (RFC 3207), rewrites EHLO replies (adds or
 strips STARTTLS, hides AUTH while TLS is required), refuses commands that must
-not cross the network in clear, and never looks inside mail data: DATA is
-forwarded up to <CRLF>.<CRLF> and BDAT chunks by their byte count.
+not cross the network in clear, and never alters mail data beyond line ends:
+DATA is forwarded up to <CRLF>.<CRLF> and BDAT chunks by their byte count.
+
+SMTP smuggling guard (CVE-2023-51764 class, docs/hardening.md): inside DATA a
+bare CR or LF could let a sloppy backend see an end of data where the proxy saw
+none. The proxy's end of data is always the strict <CRLF>.<CRLF>, and
+``EnginePolicy.bare_newline`` decides what the backend gets: "normalize" turns
+each bare CR/LF into CRLF and stuffs a "." line that this creates, "reject"
+answers 521 and closes without ever sending an end marker (the backend aborts
+the transaction), "allow" forwards bytes as they came.
 
 Pipelining (RFC 2920) is handled with a ReplyQueue: proxy-made replies are
 released only after every earlier backend reply, so the client sees replies in
@@ -17,7 +25,10 @@ import re
 
 from .base import (
     BACKEND_STARTTLS_HIDDEN,
+    BARE_NEWLINE_NORMALIZED,
+    BARE_NEWLINE_REJECTED,
     INJECTION_BLOCKED,
+    MAX_PIPELINED,
     PLAINTEXT_REFUSED,
     Action,
     Close,
@@ -40,6 +51,9 @@ _NEEDS_TLS = frozenset({b"MAIL", b"RCPT", b"DATA", b"BDAT", b"AUTH", b"VRFY", b"
 _NEEDS_EHLO = frozenset({b"MAIL", b"RCPT", b"DATA", b"BDAT", b"AUTH"})
 _BDAT_ARGS = re.compile(rb"([0-9]{1,18})(?: +(LAST))? *", re.IGNORECASE)
 _DATA_END = b"\r\n.\r\n"
+# A line holding only "." once line ends are normalized: stuffed to "..", or a
+# backend would read it as the end of data where the proxy saw none.
+_DOT_LINE = re.compile(rb"(?<=\n)\.(?=\r\n)")
 
 
 class _Mode(enum.Enum):
@@ -58,6 +72,47 @@ def _code(lines: list[bytes]) -> bytes:
 
 def _positive(lines: list[bytes]) -> bool:
     return lines[0][:1] == b"2"
+
+
+_ALL_BUT_CR_LF = bytes(b for b in range(256) if b not in (0x0A, 0x0D))
+
+
+def _first_bare_newline(data: bytes) -> int:
+    """Offset of the first CR not followed by LF or LF not preceded by CR, or
+    -1. A clean chunk costs two C-level passes: its CRLF pairs account for
+    every CR and LF in it."""
+    if len(data.translate(None, _ALL_BUT_CR_LF)) == 2 * data.count(b"\r\n"):
+        return -1
+    masked = data.replace(b"\r\n", b"  ")  # same length: any CR or LF left is bare
+    return min(i for i in (masked.find(b"\r"), masked.find(b"\n")) if i >= 0)
+
+
+def _normalize(content: bytes, clean: bool, at_line_start: bool) -> bytes:
+    """Every line end as CRLF and every lone "." line stuffed (RFC 5321
+    §4.5.2), so that the backend's only end of data is the one the proxy saw.
+    ``content`` never ends in a CR an LF could still follow (it is held);
+    ``clean``: it has no bare CR or LF."""
+    if at_line_start and content.startswith((b".\r\n", b".\r", b".\n")):
+        # A "." line right after a bare line end in an earlier chunk.
+        content = b"." + content
+    if clean:
+        return content  # any other "\r\n.\r\n" would have ended the message
+    content = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if b"\n.\r\n" in content:
+        content = _DOT_LINE.sub(b"..", content)
+    return content
+
+
+def _undecided_tail(data: bytes, at_line_start: bool, dot_lines: bool) -> int:
+    """How many final bytes of ``data`` only the next chunk can judge: a CR
+    (bare, or half of a CRLF?) and, when normalizing, a "." that starts a line
+    (a line of its own?)."""
+    n = 1 if data.endswith(b"\r") else 0
+    i = len(data) - n - 1
+    if dot_lines and i >= 0 and data[i] == 0x2E:
+        if (data[i - 1] in (0x0A, 0x0D)) if i else at_line_start:
+            n += 1
+    return n
 
 
 class SmtpEngine:
@@ -80,8 +135,16 @@ class SmtpEngine:
         self._chunk_left = 0
         self._chunk_forward = True  # False: a refused BDAT's bytes are dropped
         self._data_tail = b""
+        self._held = b""  # last DATA bytes only the next chunk can judge (see _undecided_tail)
+        self._data_fixed = False  # this message had a bare CR/LF normalized (noted once)
 
     # ------------------------------------------------------------ interface
+
+    @property
+    def partial_line(self) -> bool:
+        # Only command lines: DATA and BDAT bytes are not lines, and bytes
+        # held while a reply is awaited wait for the backend, not the client.
+        return self._mode in (_Mode.COMMAND, _Mode.SASL) and self._client.partial_line
 
     def start(self, tls: bool) -> list[Action]:
         self._tls = tls
@@ -137,7 +200,10 @@ class SmtpEngine:
             return []
         if self._quit and not self._queue:
             return self._close("quit")
-        if self._queue or self._reply or len(self._backend):
+        # Mid-DATA, mid-BDAT chunk or mid-AUTH the backend owes a reply too,
+        # though none is queued until the client finishes.
+        owed = self._mode in (_Mode.DATA, _Mode.CHUNK, _Mode.SASL)
+        if self._queue or self._reply or len(self._backend) or owed:
             return self._fail("backend_closed", b"421 4.3.0 %s Backend closed the connection")
         return self._close("backend_closed")
 
@@ -147,6 +213,7 @@ class SmtpEngine:
         "idle_timeout": b"421 4.4.2 %s Timeout, closing connection",
         "shutdown": b"421 4.3.2 %s Service shutting down",
         "overloaded": b"421 4.3.2 %s Too many connections, try again later",
+        "command_timeout": b"421 4.4.2 %s Command line timeout, closing connection",
     }
 
     def abort(self, reason: str) -> list[Action]:
@@ -161,6 +228,12 @@ class SmtpEngine:
         out: list[Action] = []
         while True:
             mode = self._mode
+            if mode is _Mode.COMMAND and len(self._queue) >= MAX_PIPELINED:
+                # Flooding, not pipelining: read no further command until
+                # replies come back, holding at most max_held_bytes meanwhile.
+                if len(self._client) > self._policy.max_held_bytes:
+                    return out + self._fail("buffer_full", b"421 4.7.0 %s Too much pipelined data")
+                break
             if mode is _Mode.COMMAND or mode is _Mode.SASL:
                 try:
                     line = self._client.next_line()
@@ -189,6 +262,14 @@ class SmtpEngine:
 
     def _on_line(self, line: bytes) -> list[Action]:
         if has_bare_cr_lf_or_nul(line):
+            # Never forwarded, never split: a backend must not read two commands
+            # where the proxy judged one. "reject" also ends the session, as
+            # Postfix does for a bare newline anywhere.
+            if self._policy.bare_newline == "reject" and (b"\n" in line[:-2] or b"\r" in line[:-2]):
+                bare = b"<LF>" if b"\n" in line[:-2] else b"<CR>"
+                return [Note(BARE_NEWLINE_REJECTED)] + self._fail(
+                    "bare_newline", b"521 5.5.2 Error: bare " + bare + b" received"
+                )
             return self._local(b"500 5.5.2 Bare CR, LF or NUL in command refused\r\n")
         verb, arg = first_word(line)
         if verb == b"STARTTLS":
@@ -254,16 +335,61 @@ class SmtpEngine:
         return [ToBackend(line)]
 
     def _on_data(self, chunk: bytes) -> list[Action]:
-        window = self._data_tail + chunk
-        end = window.find(_DATA_END)
-        if end < 0:
-            self._data_tail = window[-4:]
-            return [ToBackend(chunk)]
-        cut = end + len(_DATA_END) - len(self._data_tail)
-        self._client.feed(chunk[cut:])  # the buffer was emptied by take_all
+        policy = self._policy.bare_newline
+        tail = self._data_tail
+        if policy == "allow":
+            end = (tail + chunk).find(_DATA_END)
+            if end < 0:
+                self._data_tail = (tail + chunk)[-4:]
+                return [ToBackend(chunk)]
+            cut = end + len(_DATA_END) - len(tail)
+            return self._end_of_data(chunk[:cut], chunk[cut:])
+        # The end of data is always the strict <CRLF>.<CRLF> of the bytes as
+        # sent: what a strict sender's MTA meant, whatever the backend accepts.
+        data, self._held = (self._held + chunk if self._held else chunk), b""
+        # A CR is only ever consumed last when a held "." proved it bare.
+        at_line_start = tail[-1:] in (b"\n", b"\r")
+        end = (tail + data).find(_DATA_END)
+        if end >= 0:
+            cut = end + len(_DATA_END) - len(tail)
+            # The final ".\r\n" (its dot may have gone out already when
+            # rejecting, which holds no dots) is added back as is.
+            content = data[: max(cut - 3, 0)]
+        else:
+            keep = _undecided_tail(data, at_line_start, dot_lines=policy == "normalize")
+            cut = len(data) - keep
+            content, self._held = (data[:cut], data[cut:]) if keep else (data, b"")
+        bare = _first_bare_newline(content)
+        notes: list[Action] = []
+        if bare >= 0:
+            if policy == "reject":
+                return self._reject_bare_newline(content, bare)
+            if not self._data_fixed:
+                self._data_fixed = True
+                notes.append(Note(BARE_NEWLINE_NORMALIZED))
+        fixed = _normalize(content, bare < 0, at_line_start)
+        if end >= 0:
+            return notes + self._end_of_data(fixed + data[len(content) : cut], data[cut:])
+        self._data_tail = (tail + content[-4:])[-4:]
+        return notes + ([ToBackend(fixed)] if fixed else [])
+
+    def _end_of_data(self, last: bytes, rest: bytes) -> list[Action]:
+        """``last`` ends the message; ``rest`` (the client's bytes after it) is
+        commands again."""
+        self._client.feed(rest)  # the buffer was emptied by take_all
         self._mode = _Mode.COMMAND
         self._queue.await_reply(self._on_message_reply)
-        return [ToBackend(chunk[:cut])]
+        return [ToBackend(last)]
+
+    def _reject_bare_newline(self, content: bytes, bare: int) -> list[Action]:
+        # Postfix's smtpd_forbid_bare_newline = reject. Closing the backend
+        # connection without an end of data aborts its transaction (RFC 5321
+        # §3.8), so nothing of this message is delivered.
+        what = b"<LF>" if content[bare] == 0x0A else b"<CR>"
+        out: list[Action] = [Note(BARE_NEWLINE_REJECTED)]
+        if bare:
+            out.append(ToBackend(content[:bare]))
+        return out + self._fail("bare_newline", b"521 5.5.2 Error: bare " + what + b" received")
 
     def _begin_chunk(self, arg: bytes, forward: bool) -> bool:
         m = _BDAT_ARGS.fullmatch(arg)
@@ -352,6 +478,8 @@ class SmtpEngine:
         if _code(lines) == b"354":
             self._mode = _Mode.DATA
             self._data_tail = b"\r\n"  # the DATA line's CRLF starts the first line
+            self._data_fixed = False
+            self._held = b""
         else:
             self._mode = _Mode.COMMAND
         return [ToClient(b"".join(lines))]
@@ -403,9 +531,11 @@ class SmtpEngine:
         # Raw relay is safe once TLS is up, the client greeted again over TLS,
         # the backend is known not to offer STARTTLS (so no reply can need
         # rewriting and a client STARTTLS gets the backend's own 5xx), and no
-        # reply or command is half-way through the engine.
+        # reply or command is half-way through the engine. With the smuggling
+        # guard on, never: any later DATA must still be scanned.
         if (
             self._raw
+            or self._policy.bare_newline != "allow"
             or self._mode is not _Mode.COMMAND
             or not self._tls
             or not self._greeted_over_tls

@@ -9,6 +9,7 @@ from .base import Action, Close, EnginePolicy, Passthrough
 class TcpEngine:
     def __init__(self, policy: EnginePolicy) -> None:
         self._policy = policy
+        self._closed = False
 
     def start(self, tls: bool) -> list[Action]:
         return [Passthrough()]
@@ -23,10 +24,18 @@ class TcpEngine:
         return []
 
     def client_closed(self) -> list[Action]:
-        return [Close("client_closed")]
+        return self._close("client_closed")
 
     def backend_closed(self) -> list[Action]:
-        return [Close("backend_closed")]
+        return self._close("backend_closed")
 
     def abort(self, reason: str) -> list[Action]:
+        return self._close(reason)
+
+    def _close(self, reason: str) -> list[Action]:
+        # Like every engine: one Close, then silence (a second abort from a
+        # shutdown racing a timeout must not close twice).
+        if self._closed:
+            return []
+        self._closed = True
         return [Close(reason)]

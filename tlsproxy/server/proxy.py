@@ -9,16 +9,18 @@ stragglers with their protocol's goodbye.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import ssl
 import logging
 
 import trio
 
-from ..certs import CertificateError, check_pair
-from ..config import Config, ListenerConfig
+from ..certs import CertificateError
+from ..config import Address, Config, ListenerConfig
 from ..engines.base import EnginePolicy
 from ..metrics import Metrics
-from ..tls import server_context
+from ..tls import files_state, served_certificates, server_context, watched_files
+from . import transparent
 from .session import Session
 
 log = logging.getLogger("tlsproxy")
@@ -54,12 +56,16 @@ class Listener:
         self.sockets: list[trio.SocketListener] = []
 
     def load_certificate(self) -> None:
-        """(Re)build the TLS context from the configured files. Sessions read
+        """(Re)build the TLS contexts from the configured files. Sessions read
         ``ssl_context`` when their handshake starts, so the swap affects new
-        handshakes only. On error (raised) the old context stays in service."""
-        cert = check_pair(self.config.tls.cert, self.config.tls.key)
+        handshakes only. On error (raised) the old context stays in service.
+        The files' state is taken first, even when loading fails: the watcher
+        retries only once the files change again."""
+        self.files_state = files_state(watched_files(self.config.tls))
+        default, sni = served_certificates(self.config.tls)
         self.ssl_context = server_context(self.config.tls)
-        self.metrics.certificate_expiry.set(cert.not_after.timestamp())
+        self.metrics.certificate_expiry.set(default.not_after.timestamp())
+        self.metrics.sni_certificates_expire({info.names[0]: info.not_after.timestamp() for info in sni})
 
     def new_engine(self, policy: EnginePolicy):
         return self._engine_class(policy)
@@ -79,6 +85,8 @@ class Proxy:
         self.http_port: int | None = None  # bound metrics port, set by http.serve_http
         self.finished_sessions = 0  # sessions ended since start
         self._session_ended = trio.Event()
+        self._certificate_reloaded = trio.Event()
+        self._per_client: dict[str, int] = {}  # open sessions by client_group()
 
     def listener(self, name: str) -> Listener:
         return next(lst for lst in self.listeners if lst.name == name)
@@ -104,18 +112,41 @@ class Proxy:
     def reload_certificates(self) -> bool:
         """Reload every listener's certificate and key (SIGHUP). A listener
         whose new files do not load keeps its old certificate."""
-        ok = True
-        for lst in self.listeners:
-            try:
-                lst.load_certificate()
-            except (CertificateError, OSError, ssl.SSLError) as exc:
-                ok = False
-                lst.metrics.certificate_reload("failure")
-                log.error("listener %s: certificate reload failed, keeping the old one: %s", lst.name, exc)
-            else:
-                lst.metrics.certificate_reload("success")
-                log.info("listener %s: certificate reloaded", lst.name)
-        return ok
+        return all([self._reload_listener(lst) for lst in self.listeners])
+
+    def _reload_listener(self, lst: Listener) -> bool:
+        try:
+            lst.load_certificate()
+        except (CertificateError, OSError, ssl.SSLError) as exc:
+            lst.metrics.certificate_reload("failure")
+            log.error("listener %s: certificate reload failed, keeping the old one: %s", lst.name, exc)
+            return False
+        else:
+            lst.metrics.certificate_reload("success")
+            log.info("listener %s: certificate reloaded", lst.name)
+            return True
+        finally:
+            self._certificate_reloaded.set()
+            self._certificate_reloaded = trio.Event()
+
+    async def next_certificate_reload(self) -> None:
+        """Wait until the next reload of some listener's certificate (SIGHUP or
+        a file change) has succeeded or failed."""
+        await self._certificate_reloaded.wait()
+
+    async def _watch_certificate_files(self, interval: float) -> None:
+        """Reload a listener whose files have changed and then stayed as they
+        are for one interval: certbot and friends replace several files in
+        turn, and a half-renewed pair must not count as a failed reload."""
+        seen = {lst: lst.files_state for lst in self.listeners}
+        while True:
+            await trio.sleep(interval)
+            for lst in self.listeners:
+                state = files_state(watched_files(lst.config.tls))
+                if state != lst.files_state and state == seen[lst]:
+                    log.info("listener %s: certificate files changed", lst.name)
+                    self._reload_listener(lst)
+                seen[lst] = state
 
     def abort_all(self) -> None:
         for lst in self.listeners:
@@ -127,9 +158,12 @@ class Proxy:
             addr = lst.config.listen
             host = None if addr.is_wildcard else addr.host
             lst.sockets = await trio.open_tcp_listeners(addr.port, host=host)
+            if lst.config.transparent == "tproxy":
+                for sock in lst.sockets:
+                    transparent.make_listener_transparent(sock.socket)
             log.info(
                 "listener %s: %s %s on %s -> %s", lst.name, lst.config.protocol,
-                lst.config.mode, addr, lst.config.backend,
+                lst.config.mode, addr, lst.config.backend or "original destination",
             )
         # The metrics endpoint: bound here, before any nursery, so a port in
         # use is a plain OSError; served from a nursery that outlives the
@@ -140,6 +174,8 @@ class Proxy:
         async with trio.open_nursery() as http:
             if http_sockets:
                 await http.start(serve_http, self, http_sockets)
+            if self.config.tls_watch_interval > 0:  # runs, like /metrics, until the very end
+                http.start_soon(self._watch_certificate_files, self.config.tls_watch_interval)
             async with trio.open_nursery() as sessions:
                 with self._accepting:
                     async with trio.open_nursery() as acceptors:
@@ -182,19 +218,62 @@ class Proxy:
             peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         except OSError:
             peer = "unknown"
-        session = Session(lst, stream, peer)
+        original = None
+        if lst.config.transparent:
+            bound = Address(lst.config.listen.host, lst.bound_ports[0])
+            try:
+                original = transparent.accepted_destination(lst.config, stream.socket, bound)
+            except transparent.TransparentError as exc:
+                log.warning("listener %s: client %s refused: %s", lst.name, peer, exc)
+                lst.metrics.refused(exc.reason)
+                await Session(lst, stream, peer).refuse("backend_unavailable")
+                return
+        session = Session(lst, stream, peer, original)
+        # Behind a PROXY protocol balancer the socket's peer is the balancer,
+        # not a client: no per-address limit there.
+        group = None if lst.config.proxy_protocol else client_group(stream)
+        if self.active_sessions >= self.config.max_connections:
+            await self._refuse(lst, session, "global_limit")
+            return
         if len(lst.sessions) >= lst.config.limits.max_connections:
             await self._refuse(lst, session, "overloaded")
             return
+        if group is not None and self._per_client.get(group, 0) >= lst.config.limits.max_connections_per_ip:
+            await self._refuse(lst, session, "per_ip_limit")
+            return
         lst.sessions.add(session)
+        if group is not None:
+            self._per_client[group] = self._per_client.get(group, 0) + 1
         try:
             await session.run()
         finally:
             lst.sessions.discard(session)
+            if group is not None:
+                self._per_client[group] -= 1
+                if not self._per_client[group]:
+                    del self._per_client[group]
             self.finished_sessions += 1
             self._session_ended.set()
             self._session_ended = trio.Event()
 
     async def _refuse(self, lst: Listener, session: Session, reason: str) -> None:
+        """Turn a connection away at a limit (``reason``, the metric label);
+        the client hears its protocol's "too many connections, try later"."""
         lst.metrics.refused(reason)
-        await session.refuse(reason)
+        log.debug("listener %s: client %s refused: %s", lst.name, session.peer, reason)
+        await session.refuse("overloaded")
+
+
+def client_group(stream: trio.SocketStream) -> str | None:
+    """The key connections are counted under for max_connections_per_ip: the
+    IPv4 address, or the /64 of an IPv6 one (one subscriber's usual share)."""
+    try:
+        host = stream.socket.getpeername()[0]
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)  # a v4 client on a dual-stack [::] listener
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)

@@ -11,6 +11,7 @@ side: no engine, no per-line work.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import ssl
 import time
@@ -18,7 +19,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .. import logsetup, proxy_protocol
 from ..engines.base import (
+    BARE_NEWLINE_NORMALIZED,
+    BARE_NEWLINE_REJECTED,
     INJECTION_BLOCKED,
     PLAINTEXT_REFUSED,
     Action,
@@ -30,7 +34,9 @@ from ..engines.base import (
     ToBackend,
     ToClient,
 )
-from ..tls import describe
+from ..tls import client_certificate_subject, describe, requested_server_name
+from ..config import Address
+from . import transparent
 from .streams import Outbox, ReplayStream
 
 if TYPE_CHECKING:
@@ -49,6 +55,8 @@ TLS_HANDSHAKE_RECORD = 0x16
 
 def _handshake_failure_reason(exc: BaseException | None) -> str:
     text = f"{getattr(exc, 'reason', '') or ''} {exc}".upper()
+    if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in text or "CERTIFICATE_VERIFY_FAILED" in text:
+        return "client_certificate"  # mTLS: none sent, or not one our client_ca vouches for
     if "NO_SHARED_CIPHER" in text or "NO_SUITABLE" in text:
         return "no_shared_cipher"
     if "UNSUPPORTED_PROTOCOL" in text or "PROTOCOL_VERSION" in text or "VERSION_TOO_LOW" in text:
@@ -63,8 +71,11 @@ def _handshake_failure_reason(exc: BaseException | None) -> str:
 
 
 class Session:
-    def __init__(self, listener: "Listener", client: trio.SocketStream, peer: str) -> None:
+    def __init__(
+        self, listener: "Listener", client: trio.SocketStream, peer: str, original: Address | None = None
+    ) -> None:
         self.listener = listener
+        self.original = original  # where a transparent listener's client was going
         self.metrics = listener.metrics
         self.limits = listener.config.limits
         self.peer = peer
@@ -75,10 +86,13 @@ class Session:
             EnginePolicy(
                 require_tls=listener.config.require_tls,
                 max_line_length=self.limits.max_line_length,
+                bare_newline=listener.config.smtp_bare_newline,
             )
         )
         self.tls_version: str | None = None
         self.tls_cipher: str | None = None
+        self.sni: str | None = None  # server name the client asked for
+        self.client_cert_subject: str | None = None  # mTLS: the verified client's subject
         self.close_reason: str | None = None
         self._tls_pending = False
         self._raw = False
@@ -87,6 +101,12 @@ class Session:
         self._idle = trio.CancelScope()
         self._bytes_in = 0
         self._bytes_out = 0
+        self._line_deadline: float | None = None  # command_timeout of a begun client line
+        # From an accepted PROXY protocol header: who the client really is
+        # (peer then shows it; via keeps the balancer's address).
+        self.proxied: proxy_protocol.ProxyHeader | None = None
+        self.via: str | None = None
+        self.close_detail: str | None = None  # why, beyond close_reason (session log line)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -117,12 +137,7 @@ class Session:
             (m.encrypted if self.tls_version else m.plaintext).inc()
             reason = self.close_reason or self._abort_reason or "other"
             m.closed(reason)
-            log.info(
-                "session listener=%s client=%s tls=%s cipher=%s bytes_in=%d bytes_out=%d "
-                "duration=%.3f outcome=%s",
-                self.listener.name, self.peer, self.tls_version or "-", self.tls_cipher or "-",
-                self._bytes_in, self._bytes_out, time.monotonic() - started, reason,
-            )
+            self._log_end(reason, time.monotonic() - started)
             await self._close_client()
             if self.backend is not None:
                 await trio.aclose_forcefully(self.backend)
@@ -142,9 +157,13 @@ class Session:
         with trio.CancelScope() as self._scope:
             if self._abort_reason:
                 self._scope.cancel()
+            if self.listener.config.proxy_protocol and not await self._read_proxy_header():
+                return
             if implicit and not await self._handshake(first=None):
                 return
             if not await self._connect_backend():
+                return
+            if self.listener.config.backend_proxy_protocol and not await self._send_proxy_header():
                 return
             assert self.backend is not None
             self.client_out = Outbox(self.client, OUTBOX_LIMIT)
@@ -165,23 +184,113 @@ class Session:
             self.close_reason = "tls_failed"
             return
         reason = self._abort_reason or ("idle_timeout" if self._idle.cancelled_caught else "other")
+        if reason == "idle_timeout" and self._line_deadline is not None:
+            if trio.current_time() >= self._line_deadline:
+                reason = "command_timeout"  # a begun line's deadline passed, not the idle one
         if implicit and self.tls_version is None:
             self.close_reason = reason  # no TLS yet to say goodbye in
             return
         await self._goodbye(self.engine.abort(reason))
 
     async def _connect_backend(self) -> bool:
-        addr = self.listener.config.backend
-        with trio.move_on_after(self.limits.connect_timeout):
+        addr = transparent.choose_backend(self.listener.config, self.original)
+        error = None
+        with trio.move_on_after(self.limits.connect_timeout) as connecting:
             try:
-                self.backend = await trio.open_tcp_stream(addr.host, addr.port)
+                self.backend = await transparent.open_backend(self.listener.config, addr, self.peer)
+                self.metrics.backend_connected_at.set_to_current_time()
                 return True
             except OSError as exc:
                 log.warning("listener=%s backend %s unreachable: %s", self.listener.name, addr, exc)
+            except transparent.TransparentError as exc:
+                error = exc
+        if connecting.cancelled_caught:
+            error = transparent.no_reply_error(self.listener.config, addr)
+        if error is not None:
+            log.error("listener=%s client=%s backend %s: %s", self.listener.name, self.peer, addr, error)
+            self.metrics.refused(error.reason)
         if self.backend is None:
             self.metrics.backend_connect_failures.inc()
+            self.metrics.backend_failed_at.set_to_current_time()
             await self._goodbye(self.engine.abort("backend_unavailable"))
         return False
+
+    # ------------------------------------------------------------ PROXY protocol
+
+    async def _read_proxy_header(self) -> bool:
+        """Read the PROXY protocol header a trusted balancer sends before
+        anything else; bytes after it are replayed to the session. False: the
+        connection is refused (counted, logged; nothing reaches the backend)."""
+        reason = self._untrusted_source()
+        buffer = b""
+        if reason is None:
+            reason = "no header within handshake_timeout"
+            with trio.move_on_after(self.limits.handshake_timeout):
+                while True:
+                    data = await _receive(self.client_raw, RECEIVE_SIZE)
+                    if not data:
+                        reason = "closed before the header ended"
+                        break
+                    buffer += data  # bounded: parse() refuses an overlong header
+                    try:
+                        result = proxy_protocol.parse(buffer)
+                    except proxy_protocol.ProxyProtocolError as exc:
+                        reason = exc.reason
+                        break
+                    if isinstance(result, proxy_protocol.Parsed):
+                        self._accept_proxy_header(result)
+                        return True
+        self.metrics.refused("proxy_protocol")
+        self.close_reason = "proxy_protocol"
+        self.close_detail = reason
+        log.warning("listener=%s client=%s PROXY protocol refused: %s", self.listener.name, self.peer, reason)
+        return False
+
+    def _untrusted_source(self) -> str | None:
+        """Why the socket's peer may not send a header, or None if it may."""
+        address = _socket_address(self.client_raw, peer=True)
+        if address is None:
+            return "source address unknown"
+        ip = ipaddress.ip_address(address[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # a v4 client on a dual-stack [::] listener
+        if any(ip in net for net in self.listener.config.proxy_trusted_networks):
+            return None
+        return "source not in proxy_trusted_networks"
+
+    def _accept_proxy_header(self, result: proxy_protocol.Parsed) -> None:
+        if result.header.source is not None:  # v1 UNKNOWN, v2 LOCAL: keep the socket's
+            self.proxied = result.header
+            self.via, self.peer = self.peer, _host_port(*result.header.source)
+        if result.rest:
+            self.client = ReplayStream(self.client_raw, result.rest)
+
+    async def _send_proxy_header(self) -> bool:
+        """Tell the backend who the client is, before any other byte."""
+        assert self.backend is not None
+        if self.proxied is not None:
+            source, destination = self.proxied.source, self.proxied.destination
+        else:
+            source, destination = _socket_address(self.client_raw, peer=True), _socket_address(self.client_raw)
+        version = self.listener.config.backend_proxy_protocol
+        try:
+            await self.backend.send_all(proxy_protocol.encode(version, source, destination))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.warning("listener=%s backend closed before the PROXY header: %s", self.listener.name, exc)
+            await self._goodbye(self.engine.abort("backend_unavailable"))
+            return False
+        return True
+
+    def _log_end(self, reason: str, duration: float) -> None:
+        """The one line per session (docs/logging.md)."""
+        fields = logsetup.session_fields(
+            listener=self.listener.name, client=self.peer, via=self.via,
+            tls_version=self.tls_version, tls_cipher=self.tls_cipher,
+            sni=getattr(self, "sni", None),  # set by the handshake when the client sent one
+            bytes_from_client=self._bytes_in, bytes_to_client=self._bytes_out,
+            duration=duration, outcome=reason, reason=self.close_detail,
+        )
+        log.info("%s", logsetup.session_text(fields), extra={"session": fields})
 
     async def _goodbye(self, actions: list[Action]) -> None:
         """Write a last reply directly (the writer tasks are gone) and record
@@ -222,6 +331,13 @@ class Session:
             log.warning("listener=%s client=%s STARTTLS injection blocked", self.listener.name, self.peer)
         elif kind == PLAINTEXT_REFUSED:
             self.metrics.plaintext_refused.inc()
+        elif kind in (BARE_NEWLINE_NORMALIZED, BARE_NEWLINE_REJECTED):
+            action = "normalize" if kind == BARE_NEWLINE_NORMALIZED else "reject"
+            self.metrics.smuggling_blocked(action)
+            log.warning(
+                "listener=%s client=%s bare CR/LF from SMTP client (smuggling guard): %s",
+                self.listener.name, self.peer, action,
+            )
 
     async def _close(self, reason: str) -> None:
         if self.close_reason is None:
@@ -234,7 +350,20 @@ class Session:
 
     def _touch(self) -> None:
         if not self._tls_pending:
-            self._idle.deadline = trio.current_time() + self.limits.idle_timeout
+            deadline = trio.current_time() + self.limits.idle_timeout
+            if self._line_deadline is not None:
+                deadline = min(deadline, self._line_deadline)
+            self._idle.deadline = deadline
+
+    def _track_partial_line(self) -> None:
+        """A client line begun and not ended gets command_timeout from its
+        first byte, however slowly the rest drips in (the idle timer, by RFC
+        at least minutes, restarts on every byte)."""
+        if not self.engine.partial_line:
+            self._line_deadline = None
+        elif self._line_deadline is None:
+            self._line_deadline = trio.current_time() + self.limits.command_timeout
+        self._touch()
 
     # ------------------------------------------------------------ tasks
 
@@ -265,6 +394,8 @@ class Session:
             if self._raw:
                 return await self._relay(data, self.client, self.backend_out, "client_closed", True)
             await self._execute(self.engine.client_bytes(data))
+            if not self._raw:
+                self._track_partial_line()
 
     async def _backend_reader(self) -> None:
         assert self.backend is not None
@@ -345,18 +476,36 @@ class Session:
                     await stream.do_handshake()
                 except trio.BrokenResourceError as exc:
                     reason = _handshake_failure_reason(exc.__cause__)
+                    self.sni = requested_server_name(stream)
+                    await _send_pending_alert(stream)
                 else:
                     self.client = stream
                     self._tls_pending = False
                     self.tls_version, self.tls_cipher = describe(stream)
+                    self.sni = requested_server_name(stream)
+                    self.client_cert_subject = client_certificate_subject(stream)
                     self.metrics.tls_established(
                         self.tls_version, self.tls_cipher, time.monotonic() - started
                     )
                     return True
         self.metrics.handshake_failed(reason)
+        self.close_detail = reason
         self.close_reason = "injection" if reason == "injection" else "tls_failed"
         log.info("listener=%s client=%s TLS handshake failed: %s", self.listener.name, self.peer, reason)
         return False
+
+
+async def _send_pending_alert(stream: trio.SSLStream) -> None:
+    """Send the alert OpenSSL wrote when it refused a handshake (e.g.
+    protocol_version for a TLS 1.0 client): trio drops it when the handshake
+    fails, leaving the client with a bare EOF instead of the reason."""
+    outgoing = getattr(stream, "_outgoing", None)
+    data = outgoing.read() if outgoing is not None else b""
+    if data:
+        with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT), contextlib.suppress(
+            trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError
+        ):
+            await stream.transport_stream.send_all(data)
 
 
 async def _send_close_notify(stream: trio.SSLStream) -> None:
@@ -397,6 +546,19 @@ def _gather_decrypted(stream: trio.SSLStream, first: bytes, limit: int) -> bytes
         parts.append(more)
         size += len(more)
     return first if len(parts) == 1 else b"".join(parts)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _socket_address(stream: trio.SocketStream, peer: bool = False) -> tuple[str, int] | None:
+    """The socket's peer or local (host, port), without an IPv6 scope; None if unknown."""
+    try:
+        host, port = (stream.socket.getpeername() if peer else stream.socket.getsockname())[:2]
+    except OSError:
+        return None
+    return host.split("%")[0], port
 
 
 async def _receive(stream: trio.abc.ReceiveStream, size: int) -> bytes:
