@@ -150,6 +150,9 @@ class InteropProxy:
 # A test client that waits for a reply that never comes is cut off by the
 # proxy after this long instead of hanging for the default 5 minutes.
 IDLE_TIMEOUT = 60.0
+# Every client here comes from 127.0.0.1, and the scanners open many
+# connections at once: the per-address limit (default 50) is not under test.
+MAX_CONNECTIONS_PER_IP = 10_000
 
 LISTENERS = [
     # (name, protocol, mode, require_tls, backend)
@@ -181,7 +184,8 @@ async def interop_proxy(
         nursery,
         *(
             listener(
-                name, protocol, mode, backends[backend], certs, require_tls=require, idle_timeout=IDLE_TIMEOUT
+                name, protocol, mode, backends[backend], certs, require_tls=require, idle_timeout=IDLE_TIMEOUT,
+                max_connections_per_ip=MAX_CONNECTIONS_PER_IP,
             )
             for name, protocol, mode, require, backend in LISTENERS
         ),
