@@ -15,7 +15,6 @@ import weakref
 from functools import partial
 from pathlib import Path
 
-import trio
 from cryptography import x509
 
 from .certs import CertInfo, CertificateError, check_pair, sni_index
@@ -99,14 +98,13 @@ def _select_certificate(
         conn.context = chosen
 
 
-def requested_server_name(stream: trio.SSLStream) -> str | None:
-    """The SNI a client sent (lower case), None without SNI. trio keeps the
-    ssl object private; the name was recorded against it during the handshake."""
-    conn = getattr(stream, "_ssl_object", None)
-    return _requested_names.get(conn) if conn is not None else None
+def requested_server_name(stream) -> str | None:
+    """The SNI a client sent (lower case), None without SNI; the name was
+    recorded against the stream's ssl object during the handshake."""
+    return _requested_names.get(stream.ssl_object)
 
 
-def client_certificate_subject(stream: trio.SSLStream) -> str | None:
+def client_certificate_subject(stream) -> str | None:
     """RFC 4514 subject of the client certificate the handshake verified
     (mTLS), None when the client sent none."""
     der = stream.getpeercert(binary_form=True)
@@ -157,7 +155,7 @@ def _set_groups(ctx: ssl.SSLContext, groups: str) -> None:
         raise ssl.SSLError(f"OpenSSL refused the group list {groups!r}")
 
 
-def describe(conn: ssl.SSLObject | trio.SSLStream) -> tuple[str, str]:
+def describe(conn) -> tuple[str, str]:
     """(version, cipher) of an established session, for metrics labels."""
     cipher = conn.cipher()
     return conn.version() or "unknown", cipher[0] if cipher else "unknown"

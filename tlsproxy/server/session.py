@@ -10,7 +10,6 @@ side: no engine, no per-line work.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
 import ssl
@@ -38,6 +37,7 @@ from ..tls import client_certificate_subject, describe, requested_server_name
 from ..config import Address
 from . import transparent
 from .streams import Outbox, ReplayStream
+from .tlsstream import TlsStream
 
 if TYPE_CHECKING:
     from .listener import Listener
@@ -46,7 +46,6 @@ log = logging.getLogger("tlsproxy.session")
 
 RECEIVE_SIZE = 65536
 RAW_RECEIVE_SIZE = 262144
-TLS_RECORD_SIZE = 16384  # the most plaintext one TLS record carries
 OUTBOX_LIMIT = 262144  # bytes queued towards one side before the other waits
 GOODBYE_TIMEOUT = 5.0  # seconds to flush a last reply before closing
 CLOSE_NOTIFY_TIMEOUT = 1.0
@@ -145,9 +144,9 @@ class Session:
     async def _close_client(self) -> None:
         """Say close_notify to a TLS client (RFC 8446 §6.1: strict clients
         report a truncation attack without it), then close the socket."""
-        if isinstance(self.client, trio.SSLStream):
+        if isinstance(self.client, TlsStream):
             with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
-                await _send_close_notify(self.client)
+                await self.client.send_close_notify()
         await trio.aclose_forcefully(self.client)
 
     async def _run(self) -> None:
@@ -419,20 +418,12 @@ class Session:
         await out.flush()
         sink = out.stream
         counter = self.metrics.to_backend if upstream else self.metrics.to_client
-        # trio's SSLStream returns one TLS record (<= 16 KiB) per receive_some;
-        # gather what is already decryptable so each send moves up to 256 KiB.
-        gather = isinstance(source, trio.SSLStream) and hasattr(source, "_ssl_object")
-        # A read of n bytes allocates n first: ask a TLS stream for one record's
-        # worth (above ~128 KiB, every allocation would be an mmap/munmap pair).
-        receive_size = TLS_RECORD_SIZE if gather else RAW_RECEIVE_SIZE
-        if gather and isinstance(source.transport_stream, ReplayStream):
-            source.transport_stream.receive_size = RAW_RECEIVE_SIZE  # ciphertext per socket read
+        if isinstance(source, TlsStream):
+            source.receive_size = RAW_RECEIVE_SIZE  # ciphertext per socket read
         try:
             while data:
                 await sink.send_all(data)
-                data = await source.receive_some(receive_size)
-                if gather and data:
-                    data = _gather_decrypted(source, data, RAW_RECEIVE_SIZE)
+                data = await source.receive_some(RAW_RECEIVE_SIZE)
                 self._idle.deadline = trio.current_time() + self.limits.idle_timeout
                 counter.inc(len(data))
                 if upstream:
@@ -466,18 +457,14 @@ class Session:
                 if starttls:
                     self._note(INJECTION_BLOCKED)
             else:
-                stream = trio.SSLStream(
-                    ReplayStream(self.client, first),
-                    self.listener.ssl_context,
-                    server_side=True,
-                    https_compatible=True,  # mail clients often skip close_notify
-                )
+                stream = TlsStream(self.client, self.listener.ssl_context, first)
                 try:
                     await stream.do_handshake()
-                except trio.BrokenResourceError as exc:
-                    reason = _handshake_failure_reason(exc.__cause__)
+                except ssl.SSLError as exc:
+                    reason = _handshake_failure_reason(exc)
                     self.sni = requested_server_name(stream)
-                    await _send_pending_alert(stream)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    reason = "client_closed"  # reset while we sent our flight
                 else:
                     self.client = stream
                     self._tls_pending = False
@@ -493,59 +480,6 @@ class Session:
         self.close_reason = "injection" if reason == "injection" else "tls_failed"
         log.info("listener=%s client=%s TLS handshake failed: %s", self.listener.name, self.peer, reason)
         return False
-
-
-async def _send_pending_alert(stream: trio.SSLStream) -> None:
-    """Send the alert OpenSSL wrote when it refused a handshake (e.g.
-    protocol_version for a TLS 1.0 client): trio drops it when the handshake
-    fails, leaving the client with a bare EOF instead of the reason."""
-    outgoing = getattr(stream, "_outgoing", None)
-    data = outgoing.read() if outgoing is not None else b""
-    if data:
-        with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT), contextlib.suppress(
-            trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError
-        ):
-            await stream.transport_stream.send_all(data)
-
-
-async def _send_close_notify(stream: trio.SSLStream) -> None:
-    """Write a TLS close_notify alert. trio marks an SSLStream broken when a
-    reader blocked in receive_some is cancelled (how every session ends), and
-    then its aclose() only drops the socket; the alert is still valid to send,
-    so produce it from the SSL object directly (trio keeps no public handle)."""
-    ssl_object = getattr(stream, "_ssl_object", None)
-    outgoing = getattr(stream, "_outgoing", None)
-    if ssl_object is None or outgoing is None:
-        return
-    # unwrap() writes the alert, then raises while it waits for the peer's.
-    with contextlib.suppress(ssl.SSLError, ValueError):
-        ssl_object.unwrap()
-    data = outgoing.read()
-    if data:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-            await stream.transport_stream.send_all(data)
-
-
-def _gather_decrypted(stream: trio.SSLStream, first: bytes, limit: int) -> bytes:
-    """``first`` plus the plaintext of every complete record the SSLStream
-    already holds, up to ``limit`` bytes, without awaiting. Reading the SSL
-    object directly is safe here: the relay is this stream's only reader, and
-    anything OpenSSL wants to write back (a KeyUpdate answer) stays in the
-    stream's outgoing buffer for its next operation. Errors (close_notify, a
-    bad record) are left for the next receive_some to report."""
-    ssl_object = stream._ssl_object
-    parts = [first]
-    size = len(first)
-    while size < limit:
-        try:
-            more = ssl_object.read(min(TLS_RECORD_SIZE, limit - size))
-        except ssl.SSLError:
-            break
-        if not more:
-            break
-        parts.append(more)
-        size += len(more)
-    return first if len(parts) == 1 else b"".join(parts)
 
 
 def _host_port(host: str, port: int) -> str:

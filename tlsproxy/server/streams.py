@@ -93,16 +93,13 @@ class ReplayStream(trio.abc.Stream):
     def __init__(self, inner: trio.abc.Stream, first: bytes) -> None:
         self.inner = inner
         self._first = first
-        # What a read without a size asks of ``inner`` (SSLStream never gives
-        # one); None keeps inner's default. The raw relay raises it.
-        self.receive_size: int | None = None
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._first:
             n = len(self._first) if max_bytes is None else max_bytes
             data, self._first = self._first[:n], self._first[n:]
             return data
-        return await self.inner.receive_some(max_bytes or self.receive_size)
+        return await self.inner.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)
