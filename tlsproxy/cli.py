@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("run", help="run the proxy until SIGTERM/SIGINT; SIGHUP reloads certificates")
     p.add_argument("--config", "-c", required=True, type=Path)
+    p.add_argument("--worker-of", help=argparse.SUPPRESS)  # [server] workers > 1: server/workers.py
     p = sub.add_parser("check-config", help="validate a config file and exit")
     p.add_argument("--config", "-c", required=True, type=Path)
     p = sub.add_parser("gen-cert", help="write a private CA and a certificate signed by it")
@@ -77,14 +78,29 @@ def main(argv: list[str] | None = None) -> int:
 
             if note := capability_note(lst):
                 print(f"  {lst.name}: {note}")
+        if config.workers > 1:
+            print(f"workers: {config.workers} (SO_REUSEPORT)")
         for warning in idle_timeout_warnings(config):
             print(f"warning: {warning}")
         print("config OK")
         return 0
-    logsetup.configure(config.logging.format, args.log_level or config.logging.level)
-    for warning in idle_timeout_warnings(config):
-        log.warning("%s", warning)
-    return trio.run(serve, config)
+    worker = None
+    if args.worker_of is not None:
+        from .server.workers import WorkerLink
+
+        worker = WorkerLink.parse(args.worker_of)
+    logsetup.configure(
+        config.logging.format, args.log_level or config.logging.level,
+        worker=worker.index if worker else None,
+    )
+    if worker is None:
+        for warning in idle_timeout_warnings(config):
+            log.warning("%s", warning)
+        if config.workers > 1:
+            from .server.workers import supervise
+
+            return trio.run(supervise, config, args.config, args.log_level)
+    return trio.run(serve, config, worker)
 
 
 def _gen_cert(args: argparse.Namespace) -> int:
@@ -122,22 +138,25 @@ def _hash_password() -> int:
     return 0
 
 
-async def serve(config) -> int:
+async def serve(config, worker=None) -> int:
     """Run the proxy; the first SIGTERM/SIGINT stops it gracefully, a second
-    one ends it at once."""
+    one ends it at once. ``worker`` (a workers.WorkerLink): run as one of the
+    supervisor's workers (shared ports, readiness reported on a pipe)."""
     from .server.proxy import Proxy
 
     try:
-        proxy = Proxy(config)
+        proxy = worker.proxy(config) if worker else Proxy(config)
     except (OSError, ValueError) as exc:
         print(f"tlsproxy: cannot start: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, signals, proxy, nursery.cancel_scope)
+            if worker:
+                nursery.start_soon(worker.watch_lifeline)
             rc = 0
             try:
-                await proxy.run()
+                await proxy.run(task_status=worker or trio.TASK_STATUS_IGNORED)
             except OSError as exc:
                 # Listeners bind in order: the first without sockets failed.
                 failed = next((lst for lst in proxy.listeners if not lst.sockets), None)

@@ -129,6 +129,8 @@ class Config:
     max_connections: int = 10000  # open sessions over all listeners
     tls_watch_interval: float = 5.0  # seconds between checks of the cert/key files; 0: off
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Worker processes sharing every listener with SO_REUSEPORT (server/workers.py); 1: one process.
+    workers: int = 1
 
 
 # ---------------------------------------------------------------- loading
@@ -163,9 +165,10 @@ def parse(raw: dict[str, Any], base_dir: Path) -> Config:
     )
 
     server_t = top.table("server")
-    server_t.only({"shutdown_grace", "max_connections"})
+    server_t.only({"shutdown_grace", "max_connections", "workers"})
     grace = server_t.number("shutdown_grace", 30.0, minimum=0)
     max_connections = int(server_t.number("max_connections", 10000, minimum=1, integer=True))
+    workers = _workers(server_t)
 
     tls_t = top.table("tls")
     watch_interval = tls_t.number("watch_interval", 5.0, minimum=0)
@@ -183,7 +186,23 @@ def parse(raw: dict[str, Any], base_dir: Path) -> Config:
         listeners=listeners, metrics=metrics, shutdown_grace=grace, tls_watch_interval=watch_interval,
         max_connections=max_connections,
         logging=_logging_keys(top.table("logging")),
+        workers=workers,
     )
+
+
+MAX_WORKERS = 64
+
+
+def _workers(t: "_Table") -> int:
+    """[server] workers: 1..MAX_WORKERS, or "auto" (one per CPU, capped)."""
+    value = t.raw.get("workers", 1)
+    if value == "auto":
+        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(
+            f"{t.where('workers')}: expected an integer from 1 to {MAX_WORKERS} or \"auto\", got {value!r}"
+        )
+    return value
 
 
 def _metrics_auth(t: "_Table") -> dict:

@@ -42,7 +42,7 @@ from .status import History, collect_status
 from .status_page import CONTENT_SECURITY_POLICY, JSON_CONTENT_SECURITY_POLICY, render
 
 if TYPE_CHECKING:
-    from .server.proxy import Proxy
+    from .status import Observed as Proxy  # server.proxy.Proxy, or server.workers.Supervisor
 
 log = logging.getLogger("tlsproxy.http")
 

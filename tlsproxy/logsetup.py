@@ -69,8 +69,13 @@ def _text_value(value: Any) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, message; plus the session
-    fields on session lines (and "error" when an exception is attached)."""
+    """One JSON object per line: ts, level, logger, message; "worker" in a
+    worker process ([server] workers > 1); plus the session fields on session
+    lines (and "error" when an exception is attached)."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -79,6 +84,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.worker is not None:
+            out["worker"] = self.worker
         fields = getattr(record, "session", None)
         if isinstance(fields, dict):
             out.update(fields)
@@ -87,10 +94,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
-def configure(fmt: str = "text", level: str = "info", stream: IO[str] | None = None) -> None:
-    """Send every log record at ``level`` or above to ``stream`` (stderr)."""
+def configure(
+    fmt: str = "text", level: str = "info", stream: IO[str] | None = None, worker: int | None = None
+) -> None:
+    """Send every log record at ``level`` or above to ``stream`` (stderr).
+    A worker process (``worker``: its number) tags its lines: "[worker N]"
+    after the logger name in text, a "worker" key in JSON."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    text = TEXT_FORMAT if worker is None else TEXT_FORMAT.replace("%(name)s:", f"%(name)s [worker {worker}]:")
+    handler.setFormatter(JsonFormatter(worker) if fmt == "json" else logging.Formatter(text))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -32,15 +32,23 @@ CONNECTION_LIMIT_REASONS = ("overloaded", "global_limit", "per_ip_limit")
 
 class Metrics:
     """All of the proxy's metrics, in a registry of their own (so tests and
-    several proxies in one process never share counters)."""
+    several proxies in one process never share counters).
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    Worker processes ([server] workers > 1, server/workers.py) run with
+    PROMETHEUS_MULTIPROC_DIR set: every value lives in a per-process file the
+    supervisor merges. Counters and histograms add up; each gauge says how in
+    ``multiprocess_mode`` (ignored in a single process). Workers pass
+    ``endpoint=False``: the HTTP endpoint's own counter lives in the supervisor.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, endpoint: bool = True) -> None:
         r = self.registry = registry or CollectorRegistry()
         self.connections = Counter(
             "tlsproxy_connections", "Client connections accepted.", ["listener"], registry=r
         )
         self.active = Gauge(
-            "tlsproxy_active_connections", "Client connections open now.", ["listener"], registry=r
+            "tlsproxy_active_connections", "Client connections open now.", ["listener"], registry=r,
+            multiprocess_mode="livesum",  # open now over the live workers
         )
         self.sessions = Counter(
             "tlsproxy_sessions",
@@ -84,12 +92,14 @@ class Metrics:
             "Expiry (notAfter) of the listener's certificate, Unix time.",
             ["listener"],
             registry=r,
+            multiprocess_mode="mostrecent",  # the certificate loaded last (SIGHUP reaches every worker)
         )
         self.sni_certificate_expiry = Gauge(
             "tlsproxy_sni_certificate_expiry_timestamp_seconds",
             "Expiry (notAfter) of each certificate a listener selects by SNI, by its first SAN name.",
             ["listener", "name"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.injection_blocked = Counter(
             "tlsproxy_starttls_injection_blocked",
@@ -127,15 +137,10 @@ class Metrics:
             "When a connection to the backend last succeeded or failed, Unix time (0: never).",
             ["listener", "result"],
             registry=r,
+            multiprocess_mode="max",  # the latest attempt of any worker
         )
-        self.http_auth_refusals = Counter(
-            "tlsproxy_http_auth_refusals",
-            "Requests to the metrics endpoint refused for missing or wrong basic-auth credentials.",
-            ["reason"],
-            registry=r,
-        )
-        for reason in ("missing", "wrong"):
-            self.http_auth_refusals.labels(reason)
+        if endpoint:
+            self.http_auth_refusals = http_auth_refusals(r)
         self.smuggling_blocked = Counter(
             "tlsproxy_smuggling_blocked",
             "Bare CR/LF from SMTP clients (smuggling guard), by action: normalize (DATA "
@@ -146,6 +151,31 @@ class Metrics:
 
     def for_listener(self, name: str) -> "ListenerMetrics":
         return ListenerMetrics(self, name)
+
+
+def http_auth_refusals(registry: CollectorRegistry) -> Counter:
+    """The HTTP endpoint's counter, in whichever process serves the endpoint."""
+    counter = Counter(
+        "tlsproxy_http_auth_refusals",
+        "Requests to the metrics endpoint refused for missing or wrong basic-auth credentials.",
+        ["reason"],
+        registry=registry,
+    )
+    for reason in ("missing", "wrong"):
+        counter.labels(reason)
+    return counter
+
+
+def worker_restarts(registry: CollectorRegistry) -> Counter:
+    """tlsproxy_worker_restarts_total: workers restarted after dying unexpectedly
+    (the supervisor's own counter; 0 from the start)."""
+    counter = Counter(
+        "tlsproxy_worker_restarts",
+        "Worker processes restarted after they died unexpectedly ([server] workers > 1).",
+        registry=registry,
+    )
+    counter.inc(0)
+    return counter
 
 
 class ListenerMetrics:

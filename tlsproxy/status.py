@@ -15,16 +15,16 @@ import time
 from array import array
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import trio
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from . import __version__
 from .metrics import HANDSHAKE_FAILURE_REASONS
 
 if TYPE_CHECKING:
-    from .server.proxy import Proxy
+    from .config import Config, ListenerConfig
 
 SAMPLE_INTERVAL = 10.0  # seconds between ring samples
 RING_SIZE = 360  # samples kept: one hour at SAMPLE_INTERVAL
@@ -33,6 +33,33 @@ EXPIRY_WARNING_DAYS = 14
 QUANTILES = (0.5, 0.95, 0.99)
 
 _Labels = frozenset  # of (name, value) pairs
+
+
+# ------------------------------------------------------------------ interface
+# What the status page and the HTTP endpoint (http.py) read. The single-process
+# Proxy (server/proxy.py) provides it, and so does the workers' Supervisor
+# (server/workers.py), whose registry merges every worker's metrics.
+
+
+class ListenerView(Protocol):
+    name: str
+    config: "ListenerConfig"
+
+    @property
+    def bound_ports(self) -> list[int]: ...
+
+
+class EndpointMetrics(Protocol):
+    registry: CollectorRegistry
+    http_auth_refusals: Counter
+
+
+class Observed(Protocol):
+    config: "Config"
+    metrics: EndpointMetrics
+    listeners: Sequence[ListenerView]
+    ready: bool
+    http_port: int | None
 
 
 class Samples:
@@ -321,7 +348,7 @@ def chart_points(history: History) -> list[dict]:
     return points
 
 
-def collect_status(proxy: "Proxy", history: History) -> dict:
+def collect_status(proxy: Observed, history: History) -> dict:
     samples = Samples(proxy.metrics.registry)
     now = history.clock()
     base = history.baseline(now)

@@ -181,3 +181,53 @@ def test_partial_line_pop3():
     assert engine.partial_line
     engine.client_bytes(b"AT\r\n")
     assert not engine.partial_line
+
+
+# ---------------------------------------------------------------- [server] workers
+
+
+def test_workers_default_is_one_process(tmp_path, certs):
+    assert load(_write(tmp_path, certs, _listener("smtp", "smtp", 2525))).workers == 1
+
+
+@pytest.mark.parametrize("value, expected", [("1", 1), ("2", 2), ("64", 64)])
+def test_workers_values(tmp_path, certs, value, expected):
+    text = f"[server]\nworkers = {value}\n" + _listener("smtp", "smtp", 2525)
+    assert load(_write(tmp_path, certs, text)).workers == expected
+
+
+def test_workers_auto_is_the_cpu_count(tmp_path, certs, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    text = '[server]\nworkers = "auto"\n' + _listener("smtp", "smtp", 2525)
+    assert load(_write(tmp_path, certs, text)).workers == 3
+    monkeypatch.setattr("os.cpu_count", lambda: 512)
+    assert load(_write(tmp_path, certs, text)).workers == 64
+    monkeypatch.setattr("os.cpu_count", lambda: None)
+    assert load(_write(tmp_path, certs, text)).workers == 1
+
+
+@pytest.mark.parametrize("value", ["0", "65", "-1", "1.5", "true", '"two"', '"AUTO"', '"4"'])
+def test_bad_workers_values_name_the_key(tmp_path, certs, value):
+    msg = _error(tmp_path, certs, f"[server]\nworkers = {value}\n" + _listener("smtp", "smtp", 2525))
+    assert msg.startswith("[server]: key 'workers': expected an integer from 1 to 64 or \"auto\", got ")
+
+
+def test_check_config_prints_the_workers(tmp_path, certs, capsys):
+    text = "[server]\nworkers = 4\n" + _listener("smtp", "smtp", 2525)
+    assert main(["check-config", "--config", str(_write(tmp_path, certs, text))]) == 0
+    assert "workers: 4 (SO_REUSEPORT)\n" in capsys.readouterr().out
+
+
+def test_workers_share_the_connection_limits(tmp_path, certs):
+    from tlsproxy.server.workers import worker_config
+
+    text = (
+        "[server]\nworkers = 3\nmax_connections = 1000\n[metrics]\nlisten = \"127.0.0.1:9100\"\n"
+        "[limits]\nmax_connections_per_ip = 7\n"
+        + _listener("smtp", "smtp", 2525, "max_connections = 100\n") + _listener("imap", "imap", 2143)
+    )
+    share = worker_config(load(_write(tmp_path, certs, text)))
+    assert share.max_connections == 334  # rounded up
+    assert [lst.limits.max_connections for lst in share.listeners] == [34, 334]
+    assert {lst.limits.max_connections_per_ip for lst in share.listeners} == {7}  # per worker
+    assert share.metrics.listen is None  # the supervisor serves the endpoint

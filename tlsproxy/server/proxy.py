@@ -21,6 +21,7 @@ from ..engines.base import EnginePolicy
 from ..metrics import Metrics
 from ..tls import files_state, served_certificates, server_context, watched_files
 from . import transparent
+from .connection import Connection
 from .session import Session
 
 log = logging.getLogger("tlsproxy")
@@ -76,9 +77,10 @@ class Listener:
 
 
 class Proxy:
-    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: Config, metrics: Metrics | None = None, *, reuse_port: bool = False) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
+        self.reuse_port = reuse_port  # a worker process: share the ports (server/workers.py)
         self.listeners = [Listener(lc, self.metrics) for lc in config.listeners]
         self.ready = False
         self._accepting = trio.CancelScope()
@@ -157,7 +159,10 @@ class Proxy:
         for lst in self.listeners:
             addr = lst.config.listen
             host = None if addr.is_wildcard else addr.host
-            lst.sockets = await trio.open_tcp_listeners(addr.port, host=host)
+            if self.reuse_port:
+                lst.sockets = await open_reuseport_listeners(addr.port, host=host)
+            else:
+                lst.sockets = await trio.open_tcp_listeners(addr.port, host=host)
             if lst.config.transparent == "tproxy":
                 for sock in lst.sockets:
                     transparent.make_listener_transparent(sock.socket)
@@ -212,7 +217,8 @@ class Proxy:
                 continue
             nursery.start_soon(self._serve, lst, stream)
 
-    async def _serve(self, lst: Listener, stream: trio.SocketStream) -> None:
+    async def _serve(self, lst: Listener, accepted: trio.SocketStream) -> None:
+        stream = Connection.adopt(accepted)  # the session's lean socket stream
         try:
             host, port = stream.socket.getpeername()[:2]
             peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -262,6 +268,43 @@ class Proxy:
         lst.metrics.refused(reason)
         log.debug("listener %s: client %s refused: %s", lst.name, session.peer, reason)
         await session.refuse("overloaded")
+
+
+async def open_reuseport_listeners(port: int, *, host: str | None = None) -> list[trio.SocketListener]:
+    """trio.open_tcp_listeners (same addresses, IPV6_V6ONLY, backlog) with
+    SO_REUSEPORT set before bind, so that every worker process binds the same
+    port and the kernel spreads the connections among them. Only for workers:
+    in a single process it would let a stale second instance share the port."""
+    addresses = await trio.socket.getaddrinfo(
+        host, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE
+    )
+    listeners: list[trio.SocketListener] = []
+    try:
+        for family, type_, proto, _, sockaddr in addresses:
+            try:
+                sock = trio.socket.socket(family, type_, proto)
+            except OSError as exc:
+                if exc.errno == errno.EAFNOSUPPORT:
+                    continue  # e.g. no IPv6 in this kernel: the other family serves
+                raise
+            try:
+                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+                if family == trio.socket.AF_INET6:
+                    sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
+                await sock.bind(sockaddr)
+                sock.listen(0xFFFF)  # what open_tcp_listeners asks; the kernel caps it at somaxconn
+                listeners.append(trio.SocketListener(sock))
+            except BaseException:
+                sock.close()
+                raise
+    except BaseException:
+        for lst in listeners:
+            lst.socket.close()
+        raise
+    if not listeners:
+        raise OSError(errno.EAFNOSUPPORT, f"no usable address family for {host}:{port}")
+    return listeners
 
 
 def client_group(stream: trio.SocketStream) -> str | None:

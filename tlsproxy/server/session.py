@@ -1,15 +1,16 @@
 """One proxied connection: the thin trio shell around a sans-IO engine.
 
 Two reader tasks (client, backend) feed the engine; its actions go to one
-Outbox per destination, each drained by its own writer task, so actions keep
-their order whichever reader produced them. The client reader also runs the
-STARTTLS handshake, since it owns the client socket's incoming bytes. Once the
-engine says Passthrough, each reader relays raw chunks straight to the other
-side: no engine, no per-line work.
+Outbox per destination, which the reader that produced them drains, so actions
+keep their order whichever reader produced them. The client reader also runs
+the STARTTLS handshake, since it owns the client socket's incoming bytes. Once
+the engine says Passthrough, each reader relays raw chunks straight to the
+other side: no engine, no per-line work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import ssl
@@ -36,6 +37,7 @@ from ..engines.base import (
 from ..tls import client_certificate_subject, describe, requested_server_name
 from ..config import Address
 from . import transparent
+from .connection import Connection
 from .streams import Outbox, ReplayStream
 from .tlsstream import TlsStream
 
@@ -48,7 +50,7 @@ RECEIVE_SIZE = 65536
 RAW_RECEIVE_SIZE = 262144
 OUTBOX_LIMIT = 262144  # bytes queued towards one side before the other waits
 GOODBYE_TIMEOUT = 5.0  # seconds to flush a last reply before closing
-CLOSE_NOTIFY_TIMEOUT = 1.0
+IDLE_SLACK, IDLE_SLACK_MAX = 1 / 16, 1.0  # idle deadline precision: share of the timeout, cap (s)
 TLS_HANDSHAKE_RECORD = 0x16
 
 
@@ -71,16 +73,20 @@ def _handshake_failure_reason(exc: BaseException | None) -> str:
 
 class Session:
     def __init__(
-        self, listener: "Listener", client: trio.SocketStream, peer: str, original: Address | None = None
+        self,
+        listener: "Listener",
+        client: "trio.SocketStream | Connection",
+        peer: str,
+        original: Address | None = None,
     ) -> None:
         self.listener = listener
         self.original = original  # where a transparent listener's client was going
         self.metrics = listener.metrics
         self.limits = listener.config.limits
         self.peer = peer
-        self.client_raw = client
-        self.client: trio.abc.Stream = client
-        self.backend: trio.abc.Stream | None = None
+        self.client_raw = Connection.adopt(client)
+        self.client: trio.abc.Stream = self.client_raw
+        self.backend: Connection | None = None
         self.engine = listener.new_engine(
             EnginePolicy(
                 require_tls=listener.config.require_tls,
@@ -98,6 +104,7 @@ class Session:
         self._abort_reason: str | None = None
         self._scope: trio.CancelScope | None = None
         self._idle = trio.CancelScope()
+        self._idle_slack = min(IDLE_SLACK_MAX, self.limits.idle_timeout * IDLE_SLACK)
         self._bytes_in = 0
         self._bytes_out = 0
         self._line_deadline: float | None = None  # command_timeout of a begun client line
@@ -122,7 +129,7 @@ class Session:
         on an implicit port there is no TLS yet to say it in, so just close."""
         if self.listener.config.mode == "starttls":
             await self._goodbye(self.engine.abort(reason))
-        await trio.aclose_forcefully(self.client)
+        self.client_raw.close()
 
     async def run(self) -> None:
         m = self.metrics
@@ -137,17 +144,17 @@ class Session:
             reason = self.close_reason or self._abort_reason or "other"
             m.closed(reason)
             self._log_end(reason, time.monotonic() - started)
-            await self._close_client()
-            if self.backend is not None:
-                await trio.aclose_forcefully(self.backend)
+            self._close_sockets()
 
-    async def _close_client(self) -> None:
+    def _close_sockets(self) -> None:
         """Say close_notify to a TLS client (RFC 8446 §6.1: strict clients
-        report a truncation attack without it), then close the socket."""
+        report a truncation attack without it), then close both sockets; all
+        without waiting (a peer that does not read gets no alert)."""
         if isinstance(self.client, TlsStream):
-            with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
-                await self.client.send_close_notify()
-        await trio.aclose_forcefully(self.client)
+            self.client.send_close_notify()
+        self.client_raw.close()
+        if self.backend is not None:
+            self.backend.close()
 
     async def _run(self) -> None:
         implicit = self.listener.config.mode == "implicit"
@@ -169,12 +176,11 @@ class Session:
             self.backend_out = Outbox(self.backend, OUTBOX_LIMIT)
             with self._idle:
                 self._touch()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._write, self.client_out, "client_closed")
-                    nursery.start_soon(self._write, self.backend_out, "backend_closed")
-                    await self._execute(self.engine.start(tls=implicit))
-                    nursery.start_soon(self._client_reader)
-                    nursery.start_soon(self._backend_reader)
+                await self._execute(self.engine.start(tls=implicit))
+                if self.close_reason is None:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._backend_reader)
+                        await self._client_reader()
         if self.close_reason is not None:
             return
         if self._tls_pending and self._idle.cancelled_caught and not self._abort_reason:
@@ -307,11 +313,14 @@ class Session:
     # ------------------------------------------------------------ engine
 
     async def _execute(self, actions: list[Action]) -> None:
+        to_client = to_backend = False
         for action in actions:
             if isinstance(action, ToClient):
                 self.client_out.put(action.data)
+                to_client = True
             elif isinstance(action, ToBackend):
                 self.backend_out.put(action.data)
+                to_backend = True
             elif isinstance(action, StartTls):
                 self._tls_pending = True
                 self.client_out.pause_after_pending()
@@ -323,6 +332,19 @@ class Session:
                 self._note(action.kind)
             elif isinstance(action, Close):
                 await self._close(action.reason)
+                return
+        if to_client:
+            await self._drain(self.client_out, "client_closed")
+        if to_backend:
+            await self._drain(self.backend_out, "backend_closed")
+
+    async def _drain(self, outbox: Outbox, reason_if_broken: str) -> None:
+        try:
+            await outbox.drain()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.close_reason = self.close_reason or reason_if_broken
+            assert self._scope is not None
+            self._scope.cancel()
 
     def _note(self, kind: str) -> None:
         if kind == INJECTION_BLOCKED:
@@ -342,7 +364,9 @@ class Session:
         if self.close_reason is None:
             self.close_reason = reason
         if not self.client_out.paused:
-            with trio.move_on_after(GOODBYE_TIMEOUT):
+            with trio.move_on_after(GOODBYE_TIMEOUT), contextlib.suppress(
+                trio.BrokenResourceError, trio.ClosedResourceError
+            ):
                 await self.client_out.flush()
         assert self._scope is not None
         self._scope.cancel()
@@ -352,6 +376,14 @@ class Session:
             deadline = trio.current_time() + self.limits.idle_timeout
             if self._line_deadline is not None:
                 deadline = min(deadline, self._line_deadline)
+            self._move_idle_deadline(deadline)
+
+    def _move_idle_deadline(self, deadline: float) -> None:
+        # Moving a cancel scope's deadline is trio heap work; on a busy session
+        # push it later at most once per IDLE_SLACK of the timeout. The idle
+        # timeout then fires up to that much early, never late.
+        current = self._idle.deadline
+        if deadline < current or deadline - current > self._idle_slack:
             self._idle.deadline = deadline
 
     def _track_partial_line(self) -> None:
@@ -366,14 +398,6 @@ class Session:
 
     # ------------------------------------------------------------ tasks
 
-    async def _write(self, outbox: Outbox, reason_if_broken: str) -> None:
-        try:
-            await outbox.run_writer()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.close_reason = self.close_reason or reason_if_broken
-            assert self._scope is not None
-            self._scope.cancel()
-
     async def _client_reader(self) -> None:
         while True:
             await self.backend_out.wait_for_room()
@@ -383,6 +407,7 @@ class Session:
                     return await self._close(self.close_reason or "tls_failed")
                 self.client_out.resume(self.client)
                 self._touch()
+                await self._drain(self.client_out, "client_closed")  # held back until TLS
                 await self._execute(self.engine.tls_started())
                 continue
             if not data:
@@ -415,22 +440,23 @@ class Session:
     ) -> None:
         """Raw relay after Passthrough: drain what the engine queued, then copy
         chunks straight through, one await per chunk and nothing per line."""
-        await out.flush()
-        sink = out.stream
         counter = self.metrics.to_backend if upstream else self.metrics.to_client
         if isinstance(source, TlsStream):
             source.receive_size = RAW_RECEIVE_SIZE  # ciphertext per socket read
+        idle_timeout = self.limits.idle_timeout
         try:
+            await out.flush()
+            sink = out.stream
             while data:
                 await sink.send_all(data)
                 data = await source.receive_some(RAW_RECEIVE_SIZE)
-                self._idle.deadline = trio.current_time() + self.limits.idle_timeout
+                self._move_idle_deadline(trio.current_time() + idle_timeout)
                 counter.inc(len(data))
                 if upstream:
                     self._bytes_in += len(data)
                 else:
                     self._bytes_out += len(data)
-        except trio.BrokenResourceError:
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         await self._close(eof_reason)
 
@@ -486,7 +512,7 @@ def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _socket_address(stream: trio.SocketStream, peer: bool = False) -> tuple[str, int] | None:
+def _socket_address(stream: Connection, peer: bool = False) -> tuple[str, int] | None:
     """The socket's peer or local (host, port), without an IPv6 scope; None if unknown."""
     try:
         host, port = (stream.socket.getpeername() if peer else stream.socket.getsockname())[:2]

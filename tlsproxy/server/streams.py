@@ -9,22 +9,28 @@ import trio
 
 
 class Outbox:
-    """Ordered writes to one stream without blocking the caller.
+    """Ordered writes to one stream from either reader task.
 
     Engine actions are produced synchronously by whichever reader task fed the
-    engine; putting them here keeps their order across both readers while a
-    single writer task does the awaiting. Readers call ``wait_for_room`` before
-    reading more, so a peer that stops reading stops the other side too
-    (memory per session stays bounded by ``limit`` plus one read).
+    engine. Each reader queues its data here and calls ``drain``: the first
+    to find the outbox idle sends, and keeps sending whatever the other queues
+    meanwhile, so data leaves in the order it was produced with no writer task
+    of its own (a task and a wake-up per message saved). Readers call
+    ``wait_for_room`` before reading more, so a peer that stops reading stops
+    the other side too (memory per session stays bounded by ``limit`` plus one
+    read).
     """
+
+    __slots__ = ("stream", "_chunks", "_pending", "_limit", "_sending", "_paused", "_changed")
 
     def __init__(self, stream: trio.abc.SendStream, limit: int) -> None:
         self.stream = stream
         self._chunks: deque[bytes | None] = deque()  # None: pause here
         self._pending = 0
         self._limit = limit
-        self._changed = trio.Event()
+        self._sending = False
         self._paused = False
+        self._changed = trio.lowlevel.ParkingLot()  # waiters for progress
 
     @property
     def pending(self) -> int:
@@ -34,56 +40,63 @@ class Outbox:
         if data:
             self._chunks.append(data)
             self._pending += len(data)
-            self._notify()
 
     def pause_after_pending(self) -> None:
         """Write what is queued now, then stop until ``resume`` (the STARTTLS
         reply goes out in plaintext; nothing after it may)."""
-        self._chunks.append(None)  # type: ignore[arg-type]
-        self._notify()
+        self._chunks.append(None)
 
     @property
     def paused(self) -> bool:
         return self._paused
 
+    async def drain(self) -> None:
+        """Send what is queued, unless another task is already sending it
+        (then return at once: that task sends ours too) or we are paused.
+        Raises what the stream's send_all raises."""
+        if self._sending:
+            return
+        self._sending = True
+        try:
+            chunks = self._chunks
+            while chunks and not self._paused:
+                data = chunks[0]
+                if data is None:
+                    chunks.popleft()
+                    self._paused = True
+                    break
+                await self.stream.send_all(data)
+                chunks.popleft()
+                self._pending -= len(data)
+                self._wake()
+        finally:
+            self._sending = False
+            self._wake()
+
     async def wait_paused(self) -> None:
         while not self._paused:
-            await self._changed.wait()
+            await self._changed.park()
 
     def resume(self, stream: trio.abc.SendStream) -> None:
-        """Continue writing, now to ``stream`` (the TLS stream)."""
+        """Continue writing, now to ``stream`` (the TLS stream); ``drain``
+        sends what was held back."""
         self.stream = stream
         self._paused = False
-        self._notify()
 
     async def wait_for_room(self) -> None:
         while self._pending > self._limit:
-            await self._changed.wait()
+            await self._changed.park()
 
     async def flush(self) -> None:
         """Wait until everything put so far has been written."""
-        while self._pending:
-            await self._changed.wait()
+        await self.drain()
+        while self._pending and not self._paused:
+            await self._changed.park()
+            await self.drain()  # the sender may have been cancelled
 
-    async def run_writer(self) -> None:
-        """The one task that writes to the stream; runs until cancelled."""
-        while True:
-            while self._paused or not self._chunks:
-                await self._changed.wait()
-            data = self._chunks[0]
-            if data is None:
-                self._chunks.popleft()
-                self._paused = True
-                self._notify()
-                continue
-            await self.stream.send_all(data)
-            self._chunks.popleft()
-            self._pending -= len(data)
-            self._notify()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+    def _wake(self) -> None:
+        if self._changed:
+            self._changed.unpark_all()
 
 
 class ReplayStream(trio.abc.Stream):
@@ -103,6 +116,9 @@ class ReplayStream(trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)
+
+    def send_nowait(self, data: bytes) -> bool:
+        return self.inner.send_nowait(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()

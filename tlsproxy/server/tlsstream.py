@@ -176,19 +176,20 @@ class TlsStream(trio.abc.Stream):
 
     # ------------------------------------------------------------ close
 
-    async def send_close_notify(self) -> None:
-        """Send a close_notify alert (RFC 8446 §6.1) unless the record stream
-        is already corrupt; the caller bounds the wait."""
+    def send_close_notify(self) -> None:
+        """Send a close_notify alert (RFC 8446 §6.1) if it can go out now:
+        not after a send was cut short (the record stream is corrupt) or
+        while one is in progress, and only if the socket takes it at once
+        (the transport's ``send_nowait``)."""
         if self._broken or self._sending:
             return
         try:
             self.ssl_object.unwrap()  # writes the alert, then wants the peer's
         except (ssl.SSLError, ValueError):
             pass
-        try:
-            await self._flush()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-            pass
+        data = self._outgoing.read()
+        if data:
+            self.transport.send_nowait(data)
 
     async def aclose(self) -> None:
         await self.transport.aclose()

@@ -25,6 +25,7 @@ from typing import Callable
 import trio
 
 from ..config import Address, ListenerConfig
+from .connection import Connection, connect_socket, open_connection
 
 # Linux values (<linux/netfilter_ipv4.h>, <linux/in.h>, <linux/in6.h>); Python
 # 3.11's socket module lacks most of them.
@@ -43,7 +44,7 @@ _SOCKADDR_IN6 = struct.Struct("!2xHI16sI")  # family, port, flowinfo, address, s
 # Local ends of our open backend connections: a connection accepted from one
 # of them is our own traffic diverted back to us (a firewall rule that does
 # not exclude backend_mark), which the original destination cannot reveal.
-_own_connections: "weakref.WeakValueDictionary[tuple[str, int], trio.socket.SocketType]" = (
+_own_connections: "weakref.WeakValueDictionary[tuple[str, int], socket.socket]" = (
     weakref.WeakValueDictionary()
 )
 
@@ -179,7 +180,7 @@ def make_listener_transparent(sock: trio.socket.SocketType) -> None:
         ) from None
 
 
-async def connect(target: Address, source: str | None, mark: int | None) -> trio.SocketStream:
+async def connect(target: Address, source: str | None, mark: int | None) -> Connection:
     """Connect to ``target``, optionally from the non-local address ``source``
     and with SO_MARK ``mark`` (so the firewall can tell our own traffic apart)."""
     info = await trio.socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
@@ -187,9 +188,9 @@ async def connect(target: Address, source: str | None, mark: int | None) -> trio
         source = plain_ip(source)
         want = socket.AF_INET6 if ":" in source else socket.AF_INET
         info = [i for i in info if i[0] == want] or info
-    family, kind, proto, _, sockaddr = info[0]
-    sock = trio.socket.socket(family, kind, proto)
-    try:
+    family, _, _, _, sockaddr = info[0]
+
+    def prepare(sock: socket.socket) -> None:
         if mark is not None:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
@@ -206,23 +207,20 @@ async def connect(target: Address, source: str | None, mark: int | None) -> trio
                     sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
                     # Also bindable before the address's route exists.
                     sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-                await sock.bind((source, 0))
+                sock.bind((source, 0))
             except OSError as exc:
                 raise source_error(exc, source, target) from None
-        await sock.connect(sockaddr)
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)
+
+    return await connect_socket(family, sockaddr, prepare)
 
 
-async def open_backend(config: ListenerConfig, target: Address, peer: str) -> trio.SocketStream:
+async def open_backend(config: ListenerConfig, target: Address, peer: str) -> Connection:
     """The backend connection for one session, as the listener's
-    ``backend_source``/``backend_mark`` ask (plain connects keep trio's
+    ``backend_source``/``backend_mark`` ask (a host name keeps trio's
     happy-eyeballs path). ``peer`` is the session's client as "host:port" or
     "[v6]:port" (behind a PROXY protocol balancer, the client it names)."""
     if config.backend_source != "client" and config.backend_mark is None:
-        stream = await trio.open_tcp_stream(target.host, target.port)
+        stream = await open_connection(target.host, target.port)
     else:
         source = None
         if config.backend_source == "client":
