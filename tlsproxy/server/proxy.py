@@ -9,6 +9,7 @@ stragglers with their protocol's goodbye.
 from __future__ import annotations
 
 import errno
+import socket
 import ipaddress
 import ssl
 import logging
@@ -30,6 +31,14 @@ log = logging.getLogger("tlsproxy")
 # pause instead of spinning, as trio.serve_listeners does.
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _ACCEPT_PAUSE = 0.1
+# accept() failing with these concerns one client only (as in trio's listener).
+_IGNORED_ACCEPT_ERRNOS = {
+    getattr(errno, name) for name in (
+        "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN",
+        "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH",
+    ) if hasattr(errno, name)
+}
+ACCEPT_BATCH = 64
 
 
 def _engine_class(protocol: str):
@@ -54,7 +63,7 @@ class Listener:
         self.load_certificate()
         self._engine_class = _engine_class(config.protocol)
         self.sessions: set[Session] = set()
-        self.sockets: list[trio.SocketListener] = []
+        self.sockets: list[socket.socket] = []
 
     def load_certificate(self) -> None:
         """(Re)build the TLS contexts from the configured files. Sessions read
@@ -73,7 +82,7 @@ class Listener:
 
     @property
     def bound_ports(self) -> list[int]:
-        return [s.socket.getsockname()[1] for s in self.sockets]
+        return [s.getsockname()[1] for s in self.sockets]
 
 
 class Proxy:
@@ -156,16 +165,21 @@ class Proxy:
                 session.abort("shutdown")
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._run(task_status)
+        finally:  # also when a later bind (another listener, /metrics) failed
+            for lst in self.listeners:
+                for sock in lst.sockets:
+                    close_listener(sock)
+
+    async def _run(self, task_status) -> None:
         for lst in self.listeners:
             addr = lst.config.listen
             host = None if addr.is_wildcard else addr.host
-            if self.reuse_port:
-                lst.sockets = await open_reuseport_listeners(addr.port, host=host)
-            else:
-                lst.sockets = await trio.open_tcp_listeners(addr.port, host=host)
+            lst.sockets = await open_listeners(addr.port, host=host, reuse_port=self.reuse_port)
             if lst.config.transparent == "tproxy":
                 for sock in lst.sockets:
-                    transparent.make_listener_transparent(sock.socket)
+                    transparent.make_listener_transparent(sock)
             log.info(
                 "listener %s: %s %s on %s -> %s", lst.name, lst.config.protocol,
                 lst.config.mode, addr, lst.config.backend or "original destination",
@@ -193,7 +207,7 @@ class Proxy:
                 self.ready = False
                 for lst in self.listeners:
                     for sock in lst.sockets:
-                        await sock.aclose()
+                        close_listener(sock)
                 if self.active_sessions:
                     log.info(
                         "stopping: %d open sessions get %.0fs",
@@ -205,20 +219,28 @@ class Proxy:
             http.cancel_scope.cancel()
         log.info("stopped")
 
-    async def _accept_loop(self, lst: Listener, sock: trio.SocketListener, nursery: trio.Nursery) -> None:
+    async def _accept_loop(self, lst: Listener, sock: socket.socket, nursery: trio.Nursery) -> None:
+        """Accept every connection waiting (up to ACCEPT_BATCH) per wake-up:
+        under a burst, one readiness wait serves many clients."""
         while True:
-            try:
-                stream = await sock.accept()
-            except OSError as exc:
-                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                log.error("listener %s: accept failed (%s), pausing", lst.name, exc)
-                await trio.sleep(_ACCEPT_PAUSE)
-                continue
-            nursery.start_soon(self._serve, lst, stream)
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, _ = sock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _IGNORED_ACCEPT_ERRNOS:
+                        continue  # that client is gone already
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    log.error("listener %s: accept failed (%s), pausing", lst.name, exc)
+                    await trio.sleep(_ACCEPT_PAUSE)
+                    break
+                nursery.start_soon(self._serve, lst, Connection(conn))
+            await trio.lowlevel.cancel_shielded_checkpoint()  # let the new sessions start
 
-    async def _serve(self, lst: Listener, accepted: trio.SocketStream) -> None:
-        stream = Connection.adopt(accepted)  # the session's lean socket stream
+    async def _serve(self, lst: Listener, stream: Connection) -> None:
         try:
             host, port = stream.socket.getpeername()[:2]
             peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -270,44 +292,53 @@ class Proxy:
         await session.refuse("overloaded")
 
 
-async def open_reuseport_listeners(port: int, *, host: str | None = None) -> list[trio.SocketListener]:
-    """trio.open_tcp_listeners (same addresses, IPV6_V6ONLY, backlog) with
-    SO_REUSEPORT set before bind, so that every worker process binds the same
-    port and the kernel spreads the connections among them. Only for workers:
-    in a single process it would let a stale second instance share the port."""
-    addresses = await trio.socket.getaddrinfo(
-        host, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE
-    )
-    listeners: list[trio.SocketListener] = []
+async def open_listeners(port: int, *, host: str | None, reuse_port: bool) -> list[socket.socket]:
+    """Listening sockets as trio.open_tcp_listeners makes them (every address
+    ``host`` resolves to, IPv6 sockets v6-only, SO_REUSEADDR, the largest
+    backlog), but plain non-blocking sockets for the batched accept loop.
+    ``reuse_port`` (worker processes) adds SO_REUSEPORT, so that every worker
+    binds the same port and the kernel spreads connections among them; never
+    in a single process, where it would let a stale second instance share
+    the port."""
+    addresses = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    listeners: list[socket.socket] = []
     try:
-        for family, type_, proto, _, sockaddr in addresses:
+        for family, kind, proto, _, sockaddr in addresses:
             try:
-                sock = trio.socket.socket(family, type_, proto)
+                sock = socket.socket(family, kind, proto)
             except OSError as exc:
                 if exc.errno == errno.EAFNOSUPPORT:
                     continue  # e.g. no IPv6 in this kernel: the other family serves
                 raise
             try:
-                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
-                if family == trio.socket.AF_INET6:
-                    sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
-                await sock.bind(sockaddr)
+                sock.setblocking(False)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(sockaddr)
                 sock.listen(0xFFFF)  # what open_tcp_listeners asks; the kernel caps it at somaxconn
-                listeners.append(trio.SocketListener(sock))
             except BaseException:
                 sock.close()
                 raise
+            listeners.append(sock)
     except BaseException:
-        for lst in listeners:
-            lst.socket.close()
+        for sock in listeners:
+            sock.close()
         raise
     if not listeners:
         raise OSError(errno.EAFNOSUPPORT, f"no usable address family for {host}:{port}")
     return listeners
 
 
-def client_group(stream: trio.SocketStream) -> str | None:
+def close_listener(sock: socket.socket) -> None:
+    if sock.fileno() != -1:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+
+
+def client_group(stream: Connection) -> str | None:
     """The key connections are counted under for max_connections_per_ip: the
     IPv4 address, or the /64 of an IPv6 one (one subscriber's usual share)."""
     try:
