@@ -258,7 +258,9 @@ class Contender:
 
 class TlsProxy(Contender):
     name = "tlsproxy"
-    notes = "one process (trio), as shipped; log level warning"
+    notes = ('[server] workers = "auto" (one trio process per core, SO_REUSEPORT, '
+             "as the README recommends for throughput); log level warning")
+    workers = '"auto"'
 
     def available(self) -> str | None:
         return None if TLSPROXY.exists() else f"{TLSPROXY} missing (run scripts/setup)"
@@ -273,6 +275,7 @@ class TlsProxy(Contender):
 [server]
 shutdown_grace = 0
 max_connections = 30000
+workers = {self.workers}
 
 [tls]
 cert = "{e.cert}"
@@ -505,10 +508,10 @@ class TlsProxyVariant(TlsProxy):
         return [str(ROOT / ".venv" / "bin" / "python"), str(HERE / "variants.py"), *self.flags, "--", *argv[1:]]
 
 
-class TlsProxy2Workers(TlsProxyVariant):
-    name = "tlsproxy-2w"
-    notes = "what-if: 2 processes sharing the listeners through SO_REUSEPORT"
-    flags = ("--workers", "2")
+class TlsProxy1Worker(TlsProxy):
+    name = "tlsproxy-1w"
+    notes = "one process (workers = 1, the default); log level warning"
+    workers = "1"
 
 
 class TlsProxyReleaseBuffers(TlsProxyVariant):
@@ -527,7 +530,7 @@ CONTENDERS: dict[str, type[Contender]] = {
     c.name: c for c in (TlsProxy, Stunnel, HAProxy, Nginx)
 }
 VARIANTS: dict[str, type[Contender]] = {
-    c.name: c for c in (TlsProxy2Workers, TlsProxyReleaseBuffers, TlsProxyNoTickets)
+    c.name: c for c in (TlsProxy1Worker, TlsProxyReleaseBuffers, TlsProxyNoTickets)
 }
 REFERENCE = "stunnel"
 
@@ -1048,7 +1051,8 @@ def profile(args: argparse.Namespace) -> int:
     pyspy = BUILD / "tools" / "bin" / "py-spy"
     if not pyspy.exists():
         raise SystemExit(f"{pyspy} missing: benchmarks/run --profile installs it")
-    bench = Bench(argparse.Namespace(quick=args.quick, rounds=1, contenders="tlsproxy", workloads="",
+    # One process: py-spy and perf follow a single pid.
+    bench = Bench(argparse.Namespace(quick=args.quick, rounds=1, contenders="tlsproxy-1w", workloads="",
                                      keep=args.keep))
     outdir = HERE / "results" / f"profile-{dt.datetime.now():%Y%m%d-%H%M%S}"
     outdir.mkdir(parents=True)
