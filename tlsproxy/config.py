@@ -59,7 +59,7 @@ class Limits:
     """Per-listener limits; every phase of a session has a deadline."""
 
     handshake_timeout: float = 10.0  # TLS handshake, client side
-    connect_timeout: float = 10.0  # TCP connect to the backend
+    connect_timeout: float = 10.0  # TCP connect to the backend, then its greeting
     # RFC 5321 §4.5.3.2.7 asks servers to wait at least 5 minutes for a command;
     # a listener without idle_timeout gets its protocol's RFC minimum
     # (IDLE_MINIMUMS), so this default is the SMTP one.

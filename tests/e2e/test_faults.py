@@ -137,15 +137,21 @@ async def test_backend_that_accepts_but_never_greets(nursery, smtp_backend, cert
         mute.listen(8)
         proxy = await start_proxy(
             nursery,
-            listener("victim", "smtp", "starttls", mute.getsockname()[1], certs, idle_timeout=0.5),
+            listener(
+                "victim", "smtp", "starttls", mute.getsockname()[1], certs,
+                idle_timeout=600, connect_timeout=0.5,
+            ),
             listener("bystander", "smtp", "starttls", smtp_backend.port, certs),
         )
         bystander = await Bystander(smtp_backend).open(port_of(proxy, "bystander"), client_ctx)
         victim = await WireClient.connect(port_of(proxy, "victim"))
         with trio.fail_after(TIMEOUT):
-            assert await victim.rest() == b"421 4.4.2 tlsproxy Timeout, closing connection\r\n"
+            # Not the 600 s idle timeout: a greeting is owed within connect_timeout.
+            reply = await victim.rest()
             await wait_finished(proxy, 1)
-    assert sample(proxy.metrics.closes, listener="victim", reason="idle_timeout") == 1
+    assert reply.startswith(b"421 4.3.0 "), reply
+    assert sample(proxy.metrics.closes, listener="victim", reason="backend_unavailable") == 1
+    assert sample(proxy.metrics.backend_connect_failures, listener="victim") == 1
     await bystander.finish()
 
 

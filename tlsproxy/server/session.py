@@ -100,6 +100,7 @@ class Session:
         self.client_cert_subject: str | None = None  # mTLS: the verified client's subject
         self.close_reason: str | None = None
         self._tls_pending = False
+        self._awaiting_greeting = False  # connected, the backend has not spoken yet
         self._raw = False
         self._abort_reason: str | None = None
         self._scope: trio.CancelScope | None = None
@@ -175,7 +176,13 @@ class Session:
             self.client_out = Outbox(self.client, OUTBOX_LIMIT)
             self.backend_out = Outbox(self.backend, OUTBOX_LIMIT)
             with self._idle:
-                self._touch()
+                # Mail servers speak first: the greeting must come within
+                # connect_timeout, or the backend is as good as unreachable.
+                self._awaiting_greeting = self.listener.config.protocol != "tcp"
+                if self._awaiting_greeting:
+                    self._idle.deadline = trio.current_time() + self.limits.connect_timeout
+                else:
+                    self._touch()
                 await self._execute(self.engine.start(tls=implicit))
                 if self.close_reason is None:
                     async with trio.open_nursery() as nursery:
@@ -183,6 +190,15 @@ class Session:
                         await self._client_reader()
         if self.close_reason is not None:
             return
+        if self._awaiting_greeting and self._idle.cancelled_caught and not self._abort_reason:
+            log.warning(
+                "listener=%s backend sent no greeting within connect_timeout (%gs)",
+                self.listener.name, self.limits.connect_timeout,
+            )
+            self.metrics.backend_connect_failures.inc()
+            self.metrics.backend_failed_at.set_to_current_time()
+            self.close_detail = "no backend greeting"
+            return await self._goodbye(self.engine.abort("backend_unavailable"))
         if self._tls_pending and self._idle.cancelled_caught and not self._abort_reason:
             # STARTTLS answered, then no ClientHello within handshake_timeout.
             self.metrics.handshake_failed("timeout")
@@ -363,7 +379,7 @@ class Session:
     async def _close(self, reason: str) -> None:
         if self.close_reason is None:
             self.close_reason = reason
-        if not self.client_out.paused:
+        if self.client_out.pending and not self.client_out.paused:
             with trio.move_on_after(GOODBYE_TIMEOUT), contextlib.suppress(
                 trio.BrokenResourceError, trio.ClosedResourceError
             ):
@@ -372,7 +388,7 @@ class Session:
         self._scope.cancel()
 
     def _touch(self) -> None:
-        if not self._tls_pending:
+        if not self._tls_pending and not self._awaiting_greeting:
             deadline = trio.current_time() + self.limits.idle_timeout
             if self._line_deadline is not None:
                 deadline = min(deadline, self._line_deadline)
@@ -428,6 +444,7 @@ class Session:
             data = await _receive(self.backend, RECEIVE_SIZE)
             if not data:
                 return await self._execute(self.engine.backend_closed())
+            self._awaiting_greeting = False
             self._touch()
             self._bytes_out += len(data)
             self.metrics.to_client.inc(len(data))
