@@ -59,7 +59,11 @@ class Limits:
     """Per-listener limits; every phase of a session has a deadline."""
 
     handshake_timeout: float = 10.0  # TLS handshake, client side
-    connect_timeout: float = 10.0  # TCP connect to the backend, then its greeting
+    connect_timeout: float = 10.0  # TCP connect to the backend
+    # From the backend connection to its first byte (SMTP/IMAP/POP3 servers
+    # speak first): a hung backend fails the client within this, not after
+    # idle_timeout. Above greet_pause-style banner delays of a few seconds.
+    greeting_timeout: float = 60.0
     # RFC 5321 §4.5.3.2.7 asks servers to wait at least 5 minutes for a command;
     # a listener without idle_timeout gets its protocol's RFC minimum
     # (IDLE_MINIMUMS), so this default is the SMTP one.
@@ -355,7 +359,7 @@ def _limit_keys(t: "_Table", inherited: dict, only_limits: bool = False) -> dict
     if not only_limits:
         t.only(set(fields))
     out = dict(inherited)
-    for key in ("handshake_timeout", "connect_timeout", "idle_timeout", "command_timeout"):
+    for key in ("handshake_timeout", "connect_timeout", "greeting_timeout", "idle_timeout", "command_timeout"):
         if key in t.raw:
             out[key] = t.number(key, 0.0, minimum=0.001)
     if "max_line_length" in t.raw:

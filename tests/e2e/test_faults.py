@@ -139,14 +139,14 @@ async def test_backend_that_accepts_but_never_greets(nursery, smtp_backend, cert
             nursery,
             listener(
                 "victim", "smtp", "starttls", mute.getsockname()[1], certs,
-                idle_timeout=600, connect_timeout=0.5,
+                idle_timeout=600, greeting_timeout=0.5,
             ),
             listener("bystander", "smtp", "starttls", smtp_backend.port, certs),
         )
         bystander = await Bystander(smtp_backend).open(port_of(proxy, "bystander"), client_ctx)
         victim = await WireClient.connect(port_of(proxy, "victim"))
         with trio.fail_after(TIMEOUT):
-            # Not the 600 s idle timeout: a greeting is owed within connect_timeout.
+            # Not the 600 s idle timeout: a greeting is owed within greeting_timeout.
             reply = await victim.rest()
             await wait_finished(proxy, 1)
     assert reply.startswith(b"421 4.3.0 "), reply

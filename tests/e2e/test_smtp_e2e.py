@@ -160,13 +160,13 @@ async def test_backend_down_gives_421_in_clear_and_over_tls(nursery, certs, clie
     assert sample(proxy.metrics.backend_connect_failures, listener="smtps") == 1
 
 
-async def test_backend_silent_gives_421_after_connect_timeout(nursery, certs):
+async def test_backend_silent_gives_421_after_greeting_timeout(nursery, certs):
     # A backend that accepts but never greets counts as unreachable once
-    # connect_timeout has passed, however long idle_timeout is.
+    # greeting_timeout has passed, however long idle_timeout is.
     with socket.socket() as mute:
         mute.bind(("127.0.0.1", 0))
         mute.listen(8)
-        proxy = await _proxy(nursery, mute.getsockname()[1], certs, idle_timeout=600, connect_timeout=0.3)
+        proxy = await _proxy(nursery, mute.getsockname()[1], certs, idle_timeout=600, greeting_timeout=0.3)
         client = await WireClient.connect(port_of(proxy, "sub"))
         assert (await client.rest()).startswith(b"421 4.3.0")
     assert sample(proxy.metrics.closes, listener="sub", reason="backend_unavailable") == 1

@@ -88,6 +88,7 @@ def test_limit_defaults(tmp_path, certs):
     lst = config.listeners[0]
     assert config.max_connections == 10000
     assert (lst.limits.command_timeout, lst.limits.max_connections_per_ip) == (60, 50)
+    assert lst.limits.greeting_timeout == 60
     assert lst.smtp_bare_newline == "normalize"
 
 
@@ -98,6 +99,8 @@ def test_limit_defaults(tmp_path, certs):
         ("[server]\nmax_connections = 1.5\n", "[server]: key 'max_connections': expected an integer"),
         ("[limits]\nmax_connections_per_ip = 0\n", "[limits]: key 'max_connections_per_ip': must be at least 1"),
         ("[limits]\ncommand_timeout = 0\n", "[limits]: key 'command_timeout': must be at least"),
+        ("[limits]\ngreeting_timeout = 0\n", "[limits]: key 'greeting_timeout': must be at least"),
+        ("[limits]\ngreeting_timeout = \"9\"\n", "[limits]: key 'greeting_timeout': expected a number"),
         ("[limits]\ncommand_timeout = \"60\"\n", "[limits]: key 'command_timeout': expected a number"),
     ],
 )

@@ -174,10 +174,12 @@ async def connect_socket(family: int, sockaddr: tuple, prepare=None) -> Connecti
 
 @functools.lru_cache(maxsize=256)
 def _literal_family(host: str) -> int | None:
+    if "%" in host:
+        return None  # a scoped IPv6 address: getaddrinfo turns the scope into scope_id
     try:
         return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
-        return None  # a name (or a scoped IPv6 address): let getaddrinfo decide
+        return None  # a name: let the resolver decide
 
 
 def _format(sockaddr: tuple) -> str:

@@ -237,7 +237,12 @@ class Proxy:
                     log.error("listener %s: accept failed (%s), pausing", lst.name, exc)
                     await trio.sleep(_ACCEPT_PAUSE)
                     break
-                nursery.start_soon(self._serve, lst, Connection(conn))
+                try:
+                    stream = Connection(conn)
+                except OSError:  # reset before we could set it up
+                    conn.close()
+                    continue
+                nursery.start_soon(self._serve, lst, stream)
             await trio.lowlevel.cancel_shielded_checkpoint()  # let the new sessions start
 
     async def _serve(self, lst: Listener, stream: Connection) -> None:

@@ -128,9 +128,11 @@ class Session:
         """Turn the connection away before proxying (connection limit). On
         a STARTTLS port the client gets its protocol's "try later" in clear;
         on an implicit port there is no TLS yet to say it in, so just close."""
-        if self.listener.config.mode == "starttls":
-            await self._goodbye(self.engine.abort(reason))
-        self.client_raw.close()
+        try:
+            if self.listener.config.mode == "starttls":
+                await self._goodbye(self.engine.abort(reason))
+        finally:
+            self.client_raw.close()
 
     async def run(self) -> None:
         m = self.metrics
@@ -140,12 +142,14 @@ class Session:
         try:
             await self._run()
         finally:
-            m.active.dec()
-            (m.encrypted if self.tls_version else m.plaintext).inc()
-            reason = self.close_reason or self._abort_reason or "other"
-            m.closed(reason)
-            self._log_end(reason, time.monotonic() - started)
-            self._close_sockets()
+            try:  # metrics and the log line first: a client seeing EOF sees them done
+                m.active.dec()
+                (m.encrypted if self.tls_version else m.plaintext).inc()
+                reason = self.close_reason or self._abort_reason or "other"
+                m.closed(reason)
+                self._log_end(reason, time.monotonic() - started)
+            finally:
+                self._close_sockets()
 
     def _close_sockets(self) -> None:
         """Say close_notify to a TLS client (RFC 8446 §6.1: strict clients
@@ -177,10 +181,10 @@ class Session:
             self.backend_out = Outbox(self.backend, OUTBOX_LIMIT)
             with self._idle:
                 # Mail servers speak first: the greeting must come within
-                # connect_timeout, or the backend is as good as unreachable.
+                # greeting_timeout, or the backend is as good as unreachable.
                 self._awaiting_greeting = self.listener.config.protocol != "tcp"
                 if self._awaiting_greeting:
-                    self._idle.deadline = trio.current_time() + self.limits.connect_timeout
+                    self._idle.deadline = trio.current_time() + self.limits.greeting_timeout
                 else:
                     self._touch()
                 await self._execute(self.engine.start(tls=implicit))
@@ -192,8 +196,8 @@ class Session:
             return
         if self._awaiting_greeting and self._idle.cancelled_caught and not self._abort_reason:
             log.warning(
-                "listener=%s backend sent no greeting within connect_timeout (%gs)",
-                self.listener.name, self.limits.connect_timeout,
+                "listener=%s backend sent no greeting within greeting_timeout (%gs)",
+                self.listener.name, self.limits.greeting_timeout,
             )
             self.metrics.backend_connect_failures.inc()
             self.metrics.backend_failed_at.set_to_current_time()
@@ -314,7 +318,7 @@ class Session:
         log.info("%s", logsetup.session_text(fields), extra={"session": fields})
 
     async def _goodbye(self, actions: list[Action]) -> None:
-        """Write a last reply directly (the writer tasks are gone) and record
+        """Write a last reply directly (the readers are gone) and record
         why the session closed."""
         for action in actions:
             if isinstance(action, ToClient) and not self._tls_pending:
@@ -338,6 +342,7 @@ class Session:
                 self.backend_out.put(action.data)
                 to_backend = True
             elif isinstance(action, StartTls):
+                to_client = True  # the pause marker must be reached by a drain
                 self._tls_pending = True
                 self.client_out.pause_after_pending()
                 # From here the client has handshake_timeout, not idle_timeout.

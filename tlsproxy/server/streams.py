@@ -110,6 +110,7 @@ class ReplayStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._first:
             n = len(self._first) if max_bytes is None else max_bytes
+            await trio.lowlevel.checkpoint()  # before taking: a cancel loses nothing
             data, self._first = self._first[:n], self._first[n:]
             return data
         return await self.inner.receive_some(max_bytes)

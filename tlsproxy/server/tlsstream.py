@@ -39,7 +39,7 @@ class TlsStream(trio.abc.Stream):
 
     __slots__ = (
         "transport", "ssl_object", "receive_size",
-        "_incoming", "_outgoing", "_sending", "_send_done", "_broken",
+        "_incoming", "_outgoing", "_sending", "_send_done", "_broken", "_taken", "_sent",
     )
 
     def __init__(self, transport: trio.abc.Stream, context: ssl.SSLContext, first: bytes = b"") -> None:
@@ -53,6 +53,8 @@ class TlsStream(trio.abc.Stream):
         self._sending = False  # a task is sending outgoing bytes
         self._send_done = trio.lowlevel.ParkingLot()
         self._broken = False  # a send was cut short: the record stream is corrupt
+        self._taken = 0  # bytes taken out of the outgoing BIO to be sent
+        self._sent = 0  # of those, bytes the transport has accepted
 
     # ------------------------------------------------------------ handshake
 
@@ -104,10 +106,10 @@ class TlsStream(trio.abc.Stream):
                 return b""
             except ssl.SSLError as exc:
                 raise trio.BrokenResourceError(f"TLS: {exc}") from exc
-            if self._outgoing.pending:
-                await self._flush()  # e.g. the answer to a KeyUpdate
-            else:
-                await trio.lowlevel.checkpoint()
+            # The plaintext is taken: from here no cancellation may lose it.
+            # Anything OpenSSL wrote meanwhile (a KeyUpdate answer) stays in
+            # the BIO for the next send or the next read that has to wait.
+            await trio.lowlevel.cancel_shielded_checkpoint()
             if not data or len(data) >= limit:
                 return data
             return self._gather(data, limit)
@@ -153,23 +155,32 @@ class TlsStream(trio.abc.Stream):
         await self._flush()
 
     async def _flush(self) -> None:
-        """Send what OpenSSL has written, in order: one task at a time takes
-        bytes out of the BIO and sends them; others wait their turn."""
-        while self._sending:
-            await self._send_done.park()
-        data = self._outgoing.read()
-        if not data:
+        """Return once everything OpenSSL had written by the call is on the
+        wire. One task at a time takes bytes out of the BIO and sends them, so
+        they leave in order; another task's send may carry ours, so wait for
+        the byte count, not for an empty BIO."""
+        target = self._taken + self._outgoing.pending
+        if self._sent >= target:
             await trio.lowlevel.checkpoint()
             return
-        self._sending = True
-        try:
-            await self.transport.send_all(data)
-        except BaseException:
-            self._broken = True  # part of a record may be on the wire
-            raise
-        finally:
-            self._sending = False
-            self._send_done.unpark_all()
+        while self._sent < target:
+            if self._broken:
+                raise trio.BrokenResourceError("TLS stream broken by an interrupted send")
+            if self._sending:
+                await self._send_done.park()
+                continue
+            data = self._outgoing.read()
+            self._taken += len(data)
+            self._sending = True
+            try:
+                await self.transport.send_all(data)
+            except BaseException:
+                self._broken = True  # part of a record may be on the wire
+                raise
+            finally:
+                self._sending = False
+                self._send_done.unpark_all()
+            self._sent += len(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
