@@ -103,8 +103,10 @@ class Session:
         self._awaiting_greeting = False  # connected, the backend has not spoken yet
         self._raw = False
         self._abort_reason: str | None = None
-        self._scope: trio.CancelScope | None = None
-        self._idle = trio.CancelScope()
+        # One scope over every phase, so that a shutdown also ends sessions
+        # still in their handshake or backend connect; once connected its
+        # deadline is the greeting, then the idle (or handshake) deadline.
+        self._scope = self._idle = trio.CancelScope()
         self._idle_slack = min(IDLE_SLACK_MAX, self.limits.idle_timeout * IDLE_SLACK)
         self._bytes_in = 0
         self._bytes_out = 0
@@ -121,8 +123,7 @@ class Session:
         """End the session from outside (shutdown): goodbye, then close."""
         if self._abort_reason is None:
             self._abort_reason = reason
-        if self._scope is not None:
-            self._scope.cancel()
+        self._scope.cancel()
 
     async def refuse(self, reason: str) -> None:
         """Turn the connection away before proxying (connection limit). On
@@ -163,11 +164,7 @@ class Session:
 
     async def _run(self) -> None:
         implicit = self.listener.config.mode == "implicit"
-        # One scope over every phase, so that a shutdown also ends sessions
-        # still in their handshake or backend connect.
-        with trio.CancelScope() as self._scope:
-            if self._abort_reason:
-                self._scope.cancel()
+        with self._scope:
             if self.listener.config.proxy_protocol and not await self._read_proxy_header():
                 return
             if implicit and not await self._handshake(first=None):
@@ -179,19 +176,18 @@ class Session:
             assert self.backend is not None
             self.client_out = Outbox(self.client, OUTBOX_LIMIT)
             self.backend_out = Outbox(self.backend, OUTBOX_LIMIT)
-            with self._idle:
-                # Mail servers speak first: the greeting must come within
-                # greeting_timeout, or the backend is as good as unreachable.
-                self._awaiting_greeting = self.listener.config.protocol != "tcp"
-                if self._awaiting_greeting:
-                    self._idle.deadline = trio.current_time() + self.limits.greeting_timeout
-                else:
-                    self._touch()
-                await self._execute(self.engine.start(tls=implicit))
-                if self.close_reason is None:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._backend_reader)
-                        await self._client_reader()
+            # Mail servers speak first: the greeting must come within
+            # greeting_timeout, or the backend is as good as unreachable.
+            self._awaiting_greeting = self.listener.config.protocol != "tcp"
+            if self._awaiting_greeting:
+                self._idle.deadline = trio.current_time() + self.limits.greeting_timeout
+            else:
+                self._touch()
+            await self._execute(self.engine.start(tls=implicit))
+            if self.close_reason is None:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._backend_reader)
+                    await self._client_reader()
         if self.close_reason is not None:
             return
         if self._awaiting_greeting and self._idle.cancelled_caught and not self._abort_reason:
@@ -308,6 +304,8 @@ class Session:
 
     def _log_end(self, reason: str, duration: float) -> None:
         """The one line per session (docs/logging.md)."""
+        if not log.isEnabledFor(logging.INFO):
+            return
         fields = logsetup.session_fields(
             listener=self.listener.name, client=self.peer, via=self.via,
             tls_version=self.tls_version, tls_cipher=self.tls_cipher,
