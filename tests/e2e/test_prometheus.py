@@ -21,11 +21,12 @@ from typing import AsyncIterator, Iterator
 
 import trio
 import yaml
+from prometheus_client import CollectorRegistry
 
 from tests.conftest import closed_port, listener, port_of
 from tests.helpers import WireClient
 from tlsproxy.config import Address, Config, MetricsConfig
-from tlsproxy.metrics import Metrics
+from tlsproxy.metrics import Metrics, worker_restarts
 from tlsproxy.server.proxy import Proxy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,7 +98,9 @@ def grafana_to_promql(expr: str) -> str:
 def contract() -> dict[str, str]:
     """Every series name tlsproxy/metrics.py can expose -> its family."""
     names = {}
-    for family in Metrics().registry.collect():
+    supervisor = CollectorRegistry()
+    worker_restarts(supervisor)  # [server] workers > 1: the supervisor's own counter
+    for family in [*Metrics().registry.collect(), *supervisor.collect()]:
         suffixes = {
             "counter": ("_total", "_created"),
             "gauge": ("",),
@@ -124,7 +127,7 @@ _RECORDED = re.compile(r"(?<![\w\"])[a-z_]*:[a-z0-9_:]+(?![\w\"])")
 
 
 # Metrics of the HTTP endpoint, not of a listener: no listener label to filter on.
-PROCESS_WIDE_METRICS = ("tlsproxy_http_auth_refusals",)
+PROCESS_WIDE_METRICS = ("tlsproxy_http_auth_refusals", "tlsproxy_worker_restarts")
 
 
 def test_dashboard_is_valid_and_every_panel_has_a_promql_target():
@@ -186,7 +189,7 @@ def test_every_alert_has_a_runbook_and_a_firing_and_a_quiet_test_case():
     assert set(alerts) == {
         "TlsproxyEncryptionRateLow", "TlsproxyHandshakeFailureRatioHigh", "TlsproxyCertificateExpiringSoon",
         "TlsproxyBackendUnreachable", "TlsproxyStarttlsInjectionAttempts", "TlsproxyDown",
-        "TlsproxyCertificateReloadFailed",
+        "TlsproxyCertificateReloadFailed", "TlsproxyWorkerRestarting",
     }
     for name, rule in alerts.items():
         annotations = rule["annotations"]
