@@ -499,11 +499,12 @@ class ProxyProcess:
 
 
 @asynccontextmanager
-async def running(config: Path) -> AsyncIterator[ProxyProcess]:
+async def running(config: Path, command: tuple[str, ...] = (TLSPROXY,)) -> AsyncIterator[ProxyProcess]:
     """``tlsproxy run --config config``; killed if still running at the end,
-    its whole stderr in ``.log`` afterwards."""
+    its whole stderr in ``.log`` afterwards (a supervisor's workers share the
+    pipe: until they are gone too)."""
     proc = await trio.lowlevel.open_process(
-        [TLSPROXY, "run", "--config", str(config)],
+        [*command, "run", "--config", str(config)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -518,7 +519,7 @@ async def running(config: Path) -> AsyncIterator[ProxyProcess]:
                 with trio.CancelScope(shield=True):
                     if proc.returncode is None:
                         proc.kill()
-                    with trio.move_on_after(10):
+                    with trio.move_on_after(15):
                         await proc.wait()
                         while not pp.stderr_closed:  # read the last log lines
                             await pp._grew.wait()

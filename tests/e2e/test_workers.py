@@ -23,15 +23,15 @@ import ssl
 import subprocess
 import sys
 import urllib.request
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 import trio
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.test_cli import ProxyProcess
+from tests.e2e.test_cli import running as cli_running
 from tests.helpers import WireClient, mail_message
 from tlsproxy.certs import generate
 from tlsproxy.legacy_smtp import LegacySmtpServer
@@ -59,34 +59,10 @@ def write_config(directory: Path, cert: Path, key: Path, port: int, backend_port
     return path
 
 
-@asynccontextmanager
-async def running(config: Path) -> AsyncIterator[ProxyProcess]:
+def running(config: Path):
     """``python -m tlsproxy run``; killed (the supervisor; the workers follow
     it) if still running at the end."""
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "tlsproxy", "run", "--config", str(config)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    pp = ProxyProcess(proc)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pp.pump_stderr)
-            try:
-                yield pp
-            finally:
-                with trio.CancelScope(shield=True):
-                    if proc.returncode is None:
-                        proc.kill()
-                    with trio.move_on_after(15):
-                        await proc.wait()
-                        while not pp.stderr_closed:  # the workers share the pipe: until they are gone too
-                            await pp._grew.wait()  # noqa: SLF001
-                nursery.cancel_scope.cancel()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        assert proc.stderr is not None
-        await trio.aclose_forcefully(proc.stderr)
+    return cli_running(config, command=(sys.executable, "-m", "tlsproxy"))
 
 
 async def wait_until(proxy: ProxyProcess, check: Callable[[str], object], timeout: float = TIMEOUT):
