@@ -44,10 +44,8 @@ class Connection(trio.abc.Stream):
         self.socket = sock
 
     @classmethod
-    def adopt(cls, stream: "trio.SocketStream | Connection") -> "Connection":
+    def adopt(cls, stream: trio.SocketStream) -> "Connection":
         """Take over the socket of a trio.SocketStream (which is left closed)."""
-        if isinstance(stream, Connection):
-            return stream
         trio_sock = stream.socket
         family, kind, proto = trio_sock.family, trio_sock.type, trio_sock.proto
         return cls(socket.socket(family, kind, proto, fileno=trio_sock.detach()))
@@ -108,14 +106,6 @@ class Connection(trio.abc.Stream):
 
     async def wait_send_all_might_not_block(self) -> None:
         await _wait(wait_writable, self.socket)
-
-    async def send_eof(self) -> None:
-        await checkpoint_if_cancelled()
-        try:
-            self.socket.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            raise _stream_error(exc) from exc
-        await cancel_shielded_checkpoint()
 
     def close(self) -> None:
         """Close now; a task blocked on this socket gets ClosedResourceError."""

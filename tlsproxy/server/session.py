@@ -75,7 +75,7 @@ class Session:
     def __init__(
         self,
         listener: "Listener",
-        client: "trio.SocketStream | Connection",
+        client: Connection,
         peer: str,
         original: Address | None = None,
     ) -> None:
@@ -84,7 +84,7 @@ class Session:
         self.metrics = listener.metrics
         self.limits = listener.config.limits
         self.peer = peer
-        self.client_raw = Connection.adopt(client)
+        self.client_raw = client
         self.client: trio.abc.Stream = self.client_raw
         self.backend: Connection | None = None
         self.engine = listener.new_engine(
@@ -362,7 +362,6 @@ class Session:
             await outbox.drain()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.close_reason = self.close_reason or reason_if_broken
-            assert self._scope is not None
             self._scope.cancel()
 
     def _note(self, kind: str) -> None:
@@ -387,7 +386,6 @@ class Session:
                 trio.BrokenResourceError, trio.ClosedResourceError
             ):
                 await self.client_out.flush()
-        assert self._scope is not None
         self._scope.cancel()
 
     def _touch(self) -> None:

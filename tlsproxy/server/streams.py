@@ -124,8 +124,5 @@ class ReplayStream(trio.abc.Stream):
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
 
-    async def send_eof(self) -> None:  # pragma: no cover - TLS never half-closes here
-        await self.inner.send_eof()  # type: ignore[attr-defined]
-
     async def aclose(self) -> None:
         await self.inner.aclose()

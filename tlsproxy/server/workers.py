@@ -23,6 +23,7 @@ from a worker thread, and the signal follows that thread, not the process.)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -91,10 +92,8 @@ class WorkerLink:
 
     def started(self, _proxy=None) -> None:
         """Proxy.run's task_status: listeners bound, certificates loaded."""
-        try:
+        with contextlib.suppress(OSError):  # the supervisor is gone: the lifeline stops us
             os.write(self.status_fd, b"ready\n")
-        except OSError:
-            pass  # the supervisor is gone: the lifeline stops us
         os.close(self.status_fd)
 
     async def watch_lifeline(self) -> None:
